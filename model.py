@@ -45,7 +45,7 @@ class GPTConfig:
     routed_layers: tuple = ()         # which layers carry a router; () = all of them
     route_gate: str = "dlo"           # "dlo": g(p) = 1 + gap (p - 0.5); "mod": the block output times p
     route_gap: float = 0.05
-    route_threshold: float = 0.5      # inference rule: run iff p > threshold
+    route_threshold: float = 0.5      # inference rule: run iff p >= threshold
     route_predictor: bool = False     # MoD's auxiliary causal predictor decides at inference
     kv_policy: str = "compute"        # whole-block skipping only: "compute" or "drop"
     frozen_layers: tuple = field(default=())  # LLaMA Pro: originals get no gradient
@@ -145,7 +145,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             k = apply_rope(k, *rope)
-        if self.kv_cache is None:
+        if self.kv_cache is None or input_pos is None:
             return k, v, write, torch.arange(T, device=x.device)
         k, v, valid = self.kv_cache.update(input_pos, k, v, write)
         return k, v, valid, torch.arange(k.size(2), device=x.device)
@@ -156,7 +156,7 @@ class Attention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
         k, v, key_valid, key_pos = self.project_kv(x, rope, input_pos, write)
-        query_pos = torch.arange(T, device=x.device) if input_pos is None else input_pos
+        query_pos = key_pos[:T] if input_pos is None or self.kv_cache is None else input_pos
         causal = key_pos[None, :] <= query_pos[:, None]                          # (T, S)
         # a query always sees itself, so a row is never empty (padding, dropped tokens)
         mask = (causal & key_valid[:, None, :]) | (key_pos[None, :] == query_pos[:, None])

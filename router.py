@@ -61,7 +61,7 @@ class Rule:
 
     kind: "topk" keeps ceil(c_l * N) tokens per layer among the N real tokens of
           the batch (non-causal, training only); "threshold" runs a token iff
-          p > threshold (causal, usable with the KV cache); "all" runs every token.
+          p >= threshold (causal, usable with the KV cache); "all" runs every token.
     capacity: per routed layer, only for "topk".
     similarity: also compute cos(before, after) per token for the label rules; this
           runs the routed branch densely, since every token needs it.
@@ -86,7 +86,10 @@ def select_topk(p, valid, capacity):
 
 
 def select_threshold(p, valid, threshold):
-    return (p > threshold) & valid
+    """Run iff p >= threshold. A tie at exactly p = threshold runs, as top-k keeps ties, so
+    zero-initialised routers (p = 0.5) run every token and a freshly routed model is
+    still the dense one, in training and at inference alike."""
+    return (p >= threshold) & valid
 
 
 def select(p, valid, rule, layer_slot):

@@ -1,0 +1,114 @@
+"""Expansion, routing and skipping invariants on tiny random models."""
+import pytest
+import torch
+
+import dlo
+from conftest import tiny_model
+from router import Rule
+
+ALL = Rule(kind="topk", capacity=(1.0,) * 64)
+
+
+def logits(model, idx, rule=None):
+    return model(idx, rule=rule)[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("placement,kw", [
+    ("interleave", dict(n_new=2)), ("interleave", dict(n_new=3)), ("tli", dict(every_k=1)),
+    ("tli", dict(every_k=3)), ("index", dict(after=[-1, 0, 0, 3])),
+])
+def test_zeros_expansion_is_identity(arch, placement, kw):
+    model = tiny_model(arch=arch, bias=arch == "gpt2")
+    idx = torch.randint(0, 97, (2, 13))
+    big = dlo.expand(model, placement, init="zeros", **kw)
+    assert big.config.n_layer > model.config.n_layer
+    assert (logits(big, idx) - logits(model, idx)).abs().max() < 1e-5
+
+
+def test_interleave_positions_follow_dlo():
+    plan = dlo.interleave_plan(30, 10)
+    new = [j for j, (_, init) in enumerate(plan) if init]
+    assert len(plan) == 40 and new == [3, 7, 11, 15, 19, 23, 27, 31, 35, 39]   # last at the very end
+    assert [plan[j][0] for j in new] == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+
+
+def test_stack_trims_the_seam():
+    model = tiny_model(n_layer=6)
+    big = dlo.expand(model, "stack", trim=2)
+    sources = [0, 1, 2, 3, 2, 3, 4, 5]
+    assert big.config.n_layer == 8 and big.config.new_layers == (4, 5, 6, 7)
+    for j, i in enumerate(sources):
+        assert torch.equal(big.layers[j].mlp.up_proj.weight, model.layers[i].mlp.up_proj.weight)
+
+
+def test_inits_produce_the_promised_tensors():
+    model = tiny_model()
+    a, b = model.layers[2].state_dict(), model.layers[1].state_dict()
+    copy = dlo.expand(model, "index", after=[2], init="copy").layers[3].state_dict()
+    lin = dlo.expand(model, "index", after=[2], init="merge-linear").layers[3].state_dict()
+    sl = dlo.expand(model, "index", after=[2], init="merge-slerp").layers[3].state_dict()
+    rnd = dlo.expand(model, "index", after=[2], init="random").layers[3].state_dict()
+    for k in a:
+        assert torch.equal(copy[k], a[k])
+        assert torch.allclose(lin[k], (a[k] + b[k]) / 2)
+        assert torch.equal(sl[k], dlo.slerp(b[k], a[k]))
+    assert torch.equal(rnd["input_layernorm.weight"], torch.ones(32))
+    assert 0.01 < float(rnd["mlp.up_proj.weight"].std()) < 0.03
+
+
+def test_slerp_walks_the_great_circle():
+    u, v = torch.nn.functional.normalize(torch.randn(2, 50, dtype=torch.float64), dim=1)
+    mid = dlo.slerp(u, v)
+    assert abs(float(mid.norm()) - 1) < 1e-9                     # stays on the sphere
+    assert abs(float(mid @ u) - float(mid @ v)) < 1e-9           # halfway in angle
+    assert torch.allclose(dlo.slerp(u, u * 1.0000001), u)         # parallel: lerp fallback
+
+
+def test_frozen_layers_get_no_gradient():
+    model = dlo.expand(tiny_model(), "interleave", n_new=2, init="zeros", freeze_original=True)
+    model.train()
+    idx = torch.randint(0, 97, (2, 9))
+    _, loss = model(idx, idx)
+    loss.backward()
+    new = set(model.config.new_layers)
+    for j, layer in enumerate(model.layers):
+        for name, p in layer.named_parameters():
+            if j in new:
+                assert p.grad is not None, name
+            else:
+                assert p.grad is None and not p.requires_grad, name
+    assert model.embed_tokens.weight.grad is None
+
+
+def test_impossible_expansions_are_clear_errors():
+    model = tiny_model()
+    with pytest.raises(dlo.ExpansionError, match="new layers"):
+        dlo.expand(model, "interleave", n_new=5)
+    with pytest.raises(dlo.ExpansionError, match="K="):
+        dlo.expand(model, "tli", every_k=-1)
+    with pytest.raises(dlo.ExpansionError, match="out of range"):
+        dlo.expand(model, "index", after=[7])
+    with pytest.raises(dlo.ExpansionError, match="seam"):
+        dlo.expand(model, "stack", trim=4)
+    with pytest.raises(dlo.ExpansionError, match="init"):
+        dlo.expand(model, "interleave", n_new=1, init="ones")
+
+
+@pytest.mark.parametrize("route", ["mlp", "block"])
+@pytest.mark.parametrize("policy", ["compute", "drop"])
+def test_routing_every_token_equals_dense(route, policy):
+    dense = dlo.expand(tiny_model(), "interleave", n_new=2)
+    routed = dlo.activate(dense, route, kv_policy=policy)
+    idx = torch.randint(0, 97, (3, 11))
+    want = logits(dense, idx)
+    assert (logits(routed, idx, ALL) - want).abs().max() < 1e-5          # top-k at init keeps all (ties)
+    assert (logits(routed, idx, Rule(kind="threshold", threshold=0.5)) - want).abs().max() < 1e-5
+    assert (logits(routed, idx, Rule(kind="all", similarity=True)) - want).abs().max() < 1e-5
+
+
+def test_drop_layers_removes_them():
+    model = tiny_model()
+    small = dlo.drop_layers(model, [1, 2])
+    assert small.config.n_layer == 2
+    assert torch.equal(small.layers[1].mlp.up_proj.weight, model.layers[3].mlp.up_proj.weight)
