@@ -189,3 +189,36 @@ def drop_layers(model, layers):
         raise ExpansionError(f"cannot drop layers {list(layers)} from a {L}-layer model")
     plan = [(i, None) for i in range(L) if i not in set(layers)]
     return rebuild(model, plan)
+
+
+@torch.no_grad()
+def block_influence(model, batches):
+    """ShortGPT (arXiv 2403.03853, eq. 1): BI_l = 1 - mean over real tokens of
+    cos(layer input, layer output), over calibration batches of (x, valid)."""
+    sums = torch.zeros(model.config.n_layer, dtype=torch.float64)
+    count = 0
+    current = {}
+
+    def hook(layer, args, output, i):
+        x, valid = args[0], current["valid"]
+        cos = torch.nn.functional.cosine_similarity(x.float(), output[0].float(), dim=-1)
+        sums[i] += float(cos[valid].sum())
+
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
+               for i, layer in enumerate(model.layers)]
+    try:
+        for x, valid in batches:
+            current["valid"] = valid
+            model(x, valid=valid)
+            count += int(valid.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return (1 - sums / count).tolist()
+
+
+def shortgpt(model, batches, n_drop):
+    """Drop the n_drop layers with the lowest Block Influence. Returns (model, BI list)."""
+    bi = block_influence(model, batches)
+    lowest = sorted(range(len(bi)), key=lambda i: bi[i])[:n_drop]
+    return drop_layers(model, lowest), bi

@@ -200,7 +200,8 @@ class Block(nn.Module):
         self.router = Router(cfg.n_embd, predictor=cfg.route_predictor) if routed else None
 
     def forward(self, x, rope, valid, input_pos, rule, slot):
-        """Returns the block output and, for a routed block, a trace dict (p, sel, sim)."""
+        """Returns the block output and, for a routed block, a trace: router probability p,
+        predictor probability q (MoD), decisions sel, similarity sim, and valid."""
         if self.router is None:
             h = x + self.self_attn(self.input_layernorm(x), rope, input_pos, valid)
             return h + self.mlp(self.post_attention_layernorm(h)), None
@@ -212,7 +213,8 @@ class Block(nn.Module):
             out, sim = self.mlp_routed(x, rope, valid, input_pos, sel, gate, rule.similarity)
         else:
             out, sim = self.block_routed(x, rope, valid, input_pos, sel, gate, rule.similarity)
-        return out, {"p": p, "sel": sel, "sim": sim, "valid": valid}
+        q = self.router.predict(x) if self.router.predictor is not None else None
+        return out, {"p": p, "q": q, "sel": sel, "sim": sim, "valid": valid}
 
     def mlp_rows(self, h):
         return lambda idx: self.mlp(self.post_attention_layernorm(h.reshape(-1, h.size(-1))[idx]))

