@@ -8,6 +8,7 @@ import dlo
 from conftest import tiny_model
 from router import (Rule, annealed_capacity, dynamic_lr_scales, rescale_capacities, router_bce,
                     select_threshold, select_topk, similarity_labels)
+from model import rope_tables
 from test_model import cached_logits, full_logits
 
 
@@ -117,3 +118,32 @@ def test_bce_capacity_schedules():
     caps = rescale_capacities([0.8, 1.0, 0.9], 0.8)
     assert abs(sum(caps) / 3 - 0.8) < 1e-9
     assert abs(sum(dynamic_lr_scales([0.5, 1.0, 0.9])) / 3 - 1.0) < 1e-12
+
+
+def test_mod_topk_routes_exactly_topk_at_original_positions():
+    """Mixture-of-Depths: the top-k tokens of a layer form a shorter sequence, in causal
+    order, at their own RoPE positions; out = x + r * (block(x) - x) for them (the
+    residual added once), and the others pass unchanged."""
+    model = dlo.activate(tiny_model(), "block", layers=[1], kv_policy="drop", route_gate="mod")
+    with torch.no_grad():
+        model.layers[1].router.weight.normal_(0, 0.5)
+    block = model.layers[1]
+    T = 16
+    x = torch.randn(1, T, 32)
+    positions = torch.arange(T)[None]
+    rope = rope_tables(positions, 8, 10000.0, x.dtype)
+    valid = torch.ones(1, T, dtype=torch.bool)
+    rule = Rule("topk", capacity=(0.25,))
+    with torch.no_grad():
+        out, trace = block(x, rope, valid, None, rule, 0)
+        p = trace["p"][0]
+        top = p.topk(4).indices.sort().values                         # k = 0.25 * 16, causal order
+        assert trace["sel"][0].nonzero().squeeze(1).tolist() == top.tolist()
+        dense = dlo.activate(tiny_model(), "none").layers[1]          # the same weights, no router
+        dense.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("router")})
+        sub = x[:, top]
+        sub_out, _ = dense(sub, rope_tables(positions[:, top], 8, 10000.0, x.dtype),
+                           torch.ones(1, 4, dtype=torch.bool), None, rule, 0)
+        want = x.clone()
+        want[:, top] = sub + p[top][None, :, None] * (sub_out - sub)
+    assert (out - want).abs().max() < 1e-5
