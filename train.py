@@ -45,14 +45,15 @@ class TrainConfig:
     init_from: str = "smollm2"      # "smollm2", a .gguf file, a HF folder, or a .pt checkpoint
     dtype: str = "float32"          # weights; bf16 autocast is used on CUDA when supported
     # expansion (dlo.py); placement "none" keeps the depth
-    placement: str = "interleave"   # none, interleave, tli, stack, index
+    placement: str = "interleave"   # none, interleave, tli, stack, index, lesa
     n_new: int = 10                 # interleave: new layers (SmolLM2 30 -> 40)
     every_k: int = 0                # tli: one new layer after every K
     trim: int = 0                   # stack: SOLAR seam trim m
     after: str = ""                 # index: comma-separated original layers to insert after
     init: str = "zeros"             # zeros, copy, random, merge-linear, merge-slerp
     freeze_original: bool = False   # LLaMA Pro: only new layers train
-    drop: str = ""                  # comma-separated layers to remove (ShortGPT)
+    drop: str = ""                  # comma-separated layers to remove
+    shortgpt_drop: int = 0          # ShortGPT: remove this many lowest-Block-Influence layers
     # routing (router.py)
     route: str = "mlp"              # none, mlp (DLO default), block
     routed: str = "all"             # all, inner (not first/last), every-other, or "i,j,..."
@@ -129,16 +130,23 @@ def int_list(text):
     return [int(s) for s in text.split(",") if s.strip()]
 
 
-def build_model(cfg):
-    """Pretrained weights -> optional drop -> expansion -> routers, as plain function calls."""
+def build_model(cfg, calibration):
+    """Pretrained weights -> optional pruning -> expansion -> routers, as plain function
+    calls. `calibration` is a list of (x, valid) batches for ShortGPT's Block Influence."""
     model = weights.from_pretrained(cfg.init_from)
     if cfg.drop:
         model = dlo.drop_layers(model, int_list(cfg.drop))
-    if cfg.placement != "none":
+    if cfg.shortgpt_drop:
+        model, _ = dlo.shortgpt(model, calibration, cfg.shortgpt_drop)
+    if cfg.placement == "lesa":
+        import lesa   # only LESA needs its SVD and predictor training
+        after = int_list(cfg.after) or lesa.default_positions(model.config.n_layer, cfg.n_new)
+        model = lesa.expand_lesa(model, after)
+    elif cfg.placement != "none":
         model = dlo.expand(model, cfg.placement, n_new=cfg.n_new, init=cfg.init, every_k=cfg.every_k,
                            trim=cfg.trim, after=int_list(cfg.after), freeze_original=cfg.freeze_original)
-    elif cfg.freeze_original:
-        raise ValueError("freeze_original needs an expansion: there are no new layers to train")
+    if cfg.freeze_original and cfg.placement in ("none", "lesa"):
+        raise ValueError(f"freeze_original needs an interleave/tli/stack/index expansion, not {cfg.placement}")
     if cfg.route != "none":
         L = model.config.n_layer
         layers = {"all": (), "inner": range(1, L - 1), "every-other": range(1, L, 2)}.get(cfg.routed)
@@ -237,9 +245,11 @@ def main(argv=None):
 
     resume = weights.load_checkpoint(ckpt_path) if cfg.resume and os.path.exists(ckpt_path) else None
     try:
-        model = weights.model_from_checkpoint(resume) if resume else build_model(cfg)
         train_data = load_data(cfg, "train", cfg.init_from)
         val_data = load_data(cfg, "val", cfg.init_from)
+        calibration = [(x, valid) for x, _, valid in
+                       [train_data.batch(train_data.rows_at(0, cfg.batch_size, cfg.seed + 1))]]
+        model = weights.model_from_checkpoint(resume) if resume else build_model(cfg, calibration)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     model.to(device)
@@ -276,20 +286,22 @@ def main(argv=None):
     routed_layers = model.config.routed_ids()
 
     def evaluate(rule):
+        """Held-out loss and, per layer, the fraction of tokens that ran its routed part."""
         model.eval()
         rows = val_data.val_rows(cfg.eval_rows)
-        loss_sum, count, ran, total = 0.0, 0, 0.0, 0
+        loss_sum, count, tokens = 0.0, 0, 0
+        ran = [0.0] * model.config.n_layer
         with torch.no_grad(), autocast:
             for i in range(0, len(rows), cfg.batch_size):
                 x, y, valid = (t.to(device) for t in val_data.batch(rows[i:i + cfg.batch_size]))
                 _, loss = model(x, y, valid=valid, rule=rule)
                 n = int((y != -1).sum())
-                loss_sum, count = loss_sum + float(loss) * n, count + n
-                for t in model.route_trace:
-                    ran, total = ran + int(t["sel"].sum()), total + int(valid.sum())
+                loss_sum, count, tokens = loss_sum + float(loss) * n, count + n, tokens + int(valid.sum())
+                routed = {t["layer"]: int(t["sel"].sum()) for t in model.route_trace}
+                for layer in range(model.config.n_layer):
+                    ran[layer] += routed.get(layer, int(valid.sum()))
         model.train()
-        executed = (model.config.n_layer - n_routed + (ran / total if total else 0) * n_routed)
-        return loss_sum / count, executed / model.config.n_layer
+        return loss_sum / count, [r / tokens for r in ran]
 
     def train_rule(c):
         if cfg.train_rule == "threshold":
@@ -303,8 +315,9 @@ def main(argv=None):
     t0, tokens_seen = time.time(), 0
     for step in bar:
         if step % cfg.eval_every == 0 and master:
-            val_loss, frac = evaluate(infer_rule)
-            log.write(json.dumps({"step": step, "val_loss": val_loss, "exec_frac_infer": frac}) + "\n")
+            val_loss, per_layer = evaluate(infer_rule)
+            log.write(json.dumps({"step": step, "val_loss": val_loss, "exec_per_layer": per_layer,
+                                  "exec_frac_infer": sum(per_layer) / len(per_layer)}) + "\n")
             log.flush()
         c_bar = annealed_capacity(step, cfg.capacity_start, cfg.capacity_end, cfg.capacity_steps)
         lr = lr_at(step, cfg)
@@ -366,8 +379,9 @@ def main(argv=None):
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(ckpt_path, model, optimizer, cfg, {"step": step + 1, "caps": caps}, master)
     if master:
-        val_loss, frac = evaluate(infer_rule)
-        result = {"step": cfg.max_steps, "val_loss": val_loss, "exec_frac_infer": frac}
+        val_loss, per_layer = evaluate(infer_rule)
+        result = {"step": cfg.max_steps, "val_loss": val_loss, "exec_per_layer": per_layer,
+                  "exec_frac_infer": sum(per_layer) / len(per_layer)}
         log.write(json.dumps(result) + "\n")
         log.close()
         print(json.dumps(result))
