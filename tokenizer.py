@@ -7,7 +7,8 @@ Notable features
   id is the merge rank, so tiktoken's ranks are simply {token bytes: id}
 - control tokens (GGUF token_type 3) are the special tokens
 - the "smollm" pre-tokenizer: every digit on its own, then GPT-2's split pattern
-- round-trips arbitrary UTF-8; chat rendering with an assistant-token mask for SFT
+- round-trips any UTF-8 text (but for 6 ASCII control characters that the
+  vocabulary lacks, which become U+FFFD); chat rendering with an assistant-token mask for SFT
 - writes and reads a HF-compatible tokenizer.json, so exported folders carry it
 """
 import functools
@@ -66,6 +67,9 @@ class Tokenizer:
         self.tokens, self.types, self.chat_template = tokens, types, chat_template
         self.merges = list(merges)   # kept only to write tokenizer.json; tiktoken needs the ranks
         self.special_ids = set(specials.values())
+        # SmolLM2's vocabulary lacks a few ASCII control bytes (0x04, 0x06, 0x13, 0x14,
+        # 0x16, 0x1D): they cannot be encoded at all, so they become U+FFFD
+        self.unencodable = {b: "\ufffd" for b in range(128) if bytes([b]) not in ranks}
         self.vocab_size = len(tokens)
         self.eos_id = self.pad_id = specials["<|endoftext|>"]
         self.bos_id = self.im_start_id = specials["<|im_start|>"]
@@ -73,7 +77,7 @@ class Tokenizer:
 
     def encode(self, text):
         """Plain text: special-token strings inside it are ordinary text."""
-        return self.enc.encode(text, disallowed_special=())
+        return self.enc.encode(text.translate(self.unencodable), disallowed_special=())
 
     def decode(self, ids):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
