@@ -7,14 +7,15 @@ Notable features
   id is the merge rank, so tiktoken's ranks are simply {token bytes: id}
 - control tokens (GGUF token_type 3) are the special tokens
 - the "smollm" pre-tokenizer: every digit on its own, then GPT-2's split pattern
-- round-trips any UTF-8 text (but for 6 ASCII control characters that the
-  vocabulary lacks, which become U+FFFD); chat rendering with an assistant-token mask for SFT
+- round-trips any UTF-8 text, but for characters whose bytes the vocabulary lacks
+  (six ASCII controls and two unassigned Unicode planes), which become U+FFFD; chat rendering with an assistant-token mask for SFT
 - writes and reads a HF-compatible tokenizer.json, so exported folders carry it
 """
 import functools
 import importlib.util
 import json
 import os
+import re
 
 import tiktoken
 
@@ -42,6 +43,25 @@ def smollm2_gguf_path():
     return os.path.join(folder, files[0])
 
 
+def unencodable_chars(ranks):
+    """A regex for characters whose UTF-8 bytes are not all in the vocabulary. SmolLM2
+    lacks six ASCII control bytes (0x04 0x06 0x13 0x14 0x16 0x1D) and the lead bytes
+    0xF1, 0xF2 (U+40000..U+BFFFF, unassigned planes): such characters become U+FFFD,
+    where tiktoken would otherwise crash."""
+    ranges = []
+    for b in range(256):
+        if bytes([b]) in ranks or b in (0xC0, 0xC1) or b >= 0xF5:   # bytes UTF-8 never uses
+            continue
+        if 0x80 <= b <= 0xBF:
+            raise TokenizerError(f"the vocabulary lacks the UTF-8 continuation byte {b:#x}")
+        bits, width = ((b, 0), (b & 0x1F, 6), (b & 0x0F, 12), (b & 0x07, 18))[
+            0 if b < 0x80 else 1 if b < 0xE0 else 2 if b < 0xF0 else 3]
+        ranges.append((bits << width, (bits << width) + (1 << width) - 1))
+    if not ranges:
+        return None
+    return re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(z))}" for a, z in ranges) + "]")
+
+
 @functools.lru_cache()
 def byte_decoder():
     """GPT-2's byte-to-unicode table, inverted: printable bytes stand for themselves,
@@ -67,9 +87,7 @@ class Tokenizer:
         self.tokens, self.types, self.chat_template = tokens, types, chat_template
         self.merges = list(merges)   # kept only to write tokenizer.json; tiktoken needs the ranks
         self.special_ids = set(specials.values())
-        # SmolLM2's vocabulary lacks a few ASCII control bytes (0x04, 0x06, 0x13, 0x14,
-        # 0x16, 0x1D): they cannot be encoded at all, so they become U+FFFD
-        self.unencodable = {b: "\ufffd" for b in range(128) if bytes([b]) not in ranks}
+        self.unencodable = unencodable_chars(ranks)
         self.vocab_size = len(tokens)
         self.eos_id = self.pad_id = specials["<|endoftext|>"]
         self.bos_id = self.im_start_id = specials["<|im_start|>"]
@@ -77,7 +95,9 @@ class Tokenizer:
 
     def encode(self, text):
         """Plain text: special-token strings inside it are ordinary text."""
-        return self.enc.encode(text.translate(self.unencodable), disallowed_special=())
+        if self.unencodable is not None:
+            text = self.unencodable.sub("\ufffd", text)
+        return self.enc.encode(text, disallowed_special=())
 
     def decode(self, ids):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")

@@ -344,7 +344,7 @@ def main(argv=None):
                                                     n_lm, n_route)
                 # DDP/FSDP average gradients over ranks; the loss is already a global mean
                 (loss * world).backward()
-            step_loss, step_lm = step_loss + float(loss), step_lm + float(lm)
+            step_loss, step_lm = step_loss + float(loss.detach()), step_lm + float(lm.detach())
             ran += sum(int(t["sel"].sum()) for t in model.route_trace)
             if micro_caps is not None:   # weighted by the micro-batch's real tokens
                 new_caps.append(torch.tensor(micro_caps, dtype=torch.float64) * int(valid.sum()))
