@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from router import Router, Rule, dlo_gate, select, token_similarity
 
 
@@ -205,6 +206,8 @@ class Block(nn.Module):
         if self.router is None:
             h = x + self.self_attn(self.input_layernorm(x), rope, input_pos, valid)
             return h + self.mlp(self.post_attention_layernorm(h)), None
+        if self.fusable(x, rule):
+            return self.mlp_routed_fused(x, rope, valid, input_pos, rule.threshold)
         p = self.router(x)
         decide = self.router.predict(x) if rule.use_predictor else p
         sel = select(decide, valid, rule, slot)
@@ -215,6 +218,26 @@ class Block(nn.Module):
             out, sim = self.block_routed(x, rope, valid, input_pos, sel, gate, rule.similarity)
         q = self.router.predict(x) if self.router.predictor is not None else None
         return out, {"p": p, "q": q, "sel": sel, "sim": sim, "valid": valid}
+
+    def fusable(self, x, rule):
+        """The Triton route+gather / scale+scatter path: DLO's MLP routing at inference."""
+        return (self.cfg.route == "mlp" and rule.kind == "threshold" and not rule.similarity
+                and not rule.use_predictor and self.cfg.route_gate == "dlo" and self.cfg.arch == "llama"
+                and kernels.use_triton(x, self.router.weight))
+
+    def mlp_routed_fused(self, x, rope, valid, input_pos, threshold):
+        """mlp_routed through kernels.py: one pass scores, selects and gathers the
+        normalised rows; a second adds g(p) * mlp(rows) back in place."""
+        h = x + self.self_attn(self.input_layernorm(x), rope, input_pos, valid)
+        B, T, C = h.shape
+        norm = self.post_attention_layernorm
+        p, idx, rows = kernels.route_gather(x.reshape(-1, C), h.reshape(-1, C), self.router.weight, norm.weight,
+                                            norm.eps, threshold=threshold, valid=valid.flatten())
+        mlp = self.mlp(rows)
+        out = kernels.scale_scatter(h.reshape(-1, C), idx, mlp, dlo_gate(p, self.cfg.route_gap))
+        sel = torch.zeros(B * T, dtype=torch.bool, device=x.device)
+        sel[idx] = True
+        return out.view_as(h), {"p": p.view(B, T), "q": None, "sel": sel.view(B, T), "sim": None, "valid": valid}
 
     def mlp_rows(self, h):
         return lambda idx: self.mlp(self.post_attention_layernorm(h.reshape(-1, h.size(-1))[idx]))

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import decide
+
 
 class Router(nn.Module):
     """One decision per token: p = sigmoid(w . x), w zero-initialised so p = 0.5.
@@ -74,22 +76,17 @@ class Rule:
 
 
 def select_topk(p, valid, capacity):
-    """Top ceil(capacity * N) of p over the real tokens of the whole batch; ties at the
+    """Top ceil(capacity * N) of p over the N real tokens of the whole batch; ties at the
     k-th value are kept, so at zero init (all p equal) every token runs (METHODS.md 1)."""
-    n = int(valid.sum())
-    k = math.ceil(capacity * n - 1e-9)
-    if k <= 0 or n == 0:
-        return torch.zeros_like(valid)
-    scores = p.masked_fill(~valid, -1.0)  # p is in (0, 1): padding can never win
-    kth = scores.flatten().topk(k).values[-1]
-    return (scores >= kth) & valid
+    k = math.ceil(capacity * int(valid.sum()) - 1e-9)
+    return decide(p.flatten(), valid.flatten(), k=k).view_as(valid)
 
 
 def select_threshold(p, valid, threshold):
     """Run iff p >= threshold. A tie at exactly p = threshold runs, as top-k keeps ties, so
     zero-initialised routers (p = 0.5) run every token and a freshly routed model is
     still the dense one, in training and at inference alike."""
-    return (p >= threshold) & valid
+    return decide(p, valid, threshold=threshold)
 
 
 def select(p, valid, rule, layer_slot):

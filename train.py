@@ -65,7 +65,7 @@ class TrainConfig:
     router_lambda: float = 1.0
     capacity_start: float = 1.0
     capacity_end: float = 0.9
-    capacity_steps: int = 40        # anneal over this many steps (paper: 1000)
+    capacity_steps: int = 12        # anneal over this many steps (paper: 1000)
     dynamic_lr: bool = True
     predictor: bool = False         # MoD auxiliary causal predictor
     # data
@@ -76,7 +76,7 @@ class TrainConfig:
     batch_size: int = 4             # micro-batch, per process
     grad_accum: int = 2
     # optimisation
-    max_steps: int = 60
+    max_steps: int = 24
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
     warmup_frac: float = 0.03
@@ -85,9 +85,9 @@ class TrainConfig:
     seed: int = 1337
     # bookkeeping
     out_dir: str = "out/dlo"
-    eval_every: int = 20
+    eval_every: int = 12
     eval_rows: int = 16
-    ckpt_every: int = 20
+    ckpt_every: int = 12
     resume: bool = False
     compile: bool = False
     dist: str = "ddp"               # under torchrun: ddp or fsdp

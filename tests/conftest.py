@@ -1,6 +1,9 @@
 import os
 import sys
 
+# the Triton interpreter must be chosen before triton is first imported (kernels.py)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -1,0 +1,108 @@
+"""ShareGPT parsing rules, prepared files, and the deterministic batch reader."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data import DataError, TokenData, iter_sharegpt, prepare_sharegpt
+
+
+class ByteTokenizer:
+    """Bytes as tokens, with the chat mask rule of tokenizer.Tokenizer."""
+    vocab_size, eos_id, pad_id, im_end_id = 300, 256, 256, 257
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def encode_chat_with_mask(self, messages):
+        ids, mask = [], []
+        for m in messages:
+            head = self.encode(m["role"] + ":")
+            body = self.encode(m["content"]) + [self.im_end_id]
+            ids += head + body
+            mask += [False] * len(head) + [m["role"] == "assistant"] * len(body)
+        return ids, mask
+
+
+def write_sharegpt(path, records, cut=True):
+    text = json.dumps(records, indent=1)
+    if cut:   # like the real file: the last record is cut off mid-way
+        text = text[: text.rindex('"value"') + 12]
+    path.write_text(text)
+
+
+RECORDS = [
+    {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    {"id": "b", "conversations": [{"from": "gpt", "value": "lead"}, {"from": "human", "value": "q"},
+                                  {"from": "chatgpt", "value": ""}, {"from": "bard", "value": "ans"}]},
+    {"id": "c", "conversations": []},
+    {"id": "d", "conversations": [{"from": "human", "value": "x"}, {"from": "robot", "value": "y"}]},
+    {"id": "e", "conversations": [{"from": "system", "value": "be kind"}, {"from": "user", "value": "q"},
+                                  {"from": "bing", "value": "a"}]},
+    {"id": "f", "conversations": [{"from": "human", "value": "only a question"}]},
+    {"id": "g", "conversations": [{"from": "human", "value": "cut"}, {"from": "gpt", "value": "off here"}]},
+]
+
+
+def test_sharegpt_rules(tmp_path):
+    write_sharegpt(tmp_path / "s.json", RECORDS)
+    stats = {}
+    convs = dict(iter_sharegpt(str(tmp_path / "s.json"), stats))
+    assert list(convs) == ["a", "b", "e"]
+    assert convs["b"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans"}]
+    assert convs["e"][0] == {"role": "system", "content": "be kind"}
+    assert stats == {"records": 6, "kept": 3, "truncated_tail": 1, "no_turns": 1, "unknown_role": 1,
+                     "no_assistant": 1, "leading_assistant_turns": 1, "empty_turns": 1}
+
+
+def prepared(tmp_path, n=60):
+    records = [{"id": f"c{i}", "conversations": [{"from": "human", "value": "q" * (i % 7 + 1)},
+                                                  {"from": "gpt", "value": "answer " * (i % 5 + 1)}]}
+               for i in range(n)]
+    write_sharegpt(tmp_path / "s.json", records, cut=False)
+    meta = prepare_sharegpt(str(tmp_path / "out"), ByteTokenizer(), val_every=5, path=str(tmp_path / "s.json"))
+    return str(tmp_path / "out"), meta
+
+
+def test_prepare_and_batches(tmp_path):
+    path, meta = prepared(tmp_path)
+    assert meta["conversations"]["train"] + meta["conversations"]["val"] == 60
+    data = TokenData(path, "train", seq_len=24)
+    x, y, valid = data.batch(data.rows_at(0, 8, seed=1))
+    assert x.shape == y.shape == valid.shape == (8, 24)
+    assert not (y[~valid] != -1).any()                               # padding never learned
+    for b in range(8):
+        n = int(valid[b].sum())
+        assert torch.equal(x[b, 1:n][y[b, :n - 1] != -1], y[b, :n - 1][y[b, :n - 1] != -1])  # shifted by one
+        learned = y[b][y[b] != -1].tolist()
+        assert learned[-1] == ByteTokenizer.im_end_id or n == 24    # assistant tokens up to <|im_end|>
+        assert not any(t in b"q:" for t in learned)                  # user text and headers are not learned
+
+
+def test_rows_at_is_a_deterministic_epoch_permutation(tmp_path):
+    path, _ = prepared(tmp_path)
+    data = TokenData(path, "train", seq_len=24)
+    n = data.num_rows
+    first = np.concatenate([data.rows_at(s, 7, 3) for s in range(n)])   # 7 epochs' worth
+    for e in range(7):
+        assert sorted(first[e * n:(e + 1) * n]) == list(range(n))       # each row once per epoch
+    assert np.array_equal(data.rows_at(5, 7, 3), data.rows_at(5, 7, 3))
+    assert not np.array_equal(data.rows_at(0, n, 3), data.rows_at(0, n, 4))
+
+
+def test_missing_or_corrupt_files_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="missing or corrupt"):
+        TokenData(str(tmp_path / "nowhere"), "train", 16)
+    path, _ = prepared(tmp_path)
+    with open(f"{path}/train.tokens.bin", "ab") as f:
+        f.write(b"xx")
+    with pytest.raises(DataError, match="do not match"):
+        TokenData(path, "train", 16)
+
+
+@pytest.mark.slow
+def test_real_sharegpt_has_17671_complete_records():
+    stats = {}
+    kept = sum(1 for _ in iter_sharegpt(stats=stats))
+    assert stats["records"] == 17671 and stats["truncated_tail"] == 1 and kept == stats["kept"] == 17390
