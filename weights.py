@@ -253,11 +253,15 @@ def save_checkpoint(path, payload):
     under `path`, and the previous checkpoint stays until the new one is whole."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):   # the write failed: drop the partial file, keep the old one
+            os.remove(tmp)
 
 
 def load_checkpoint(path):

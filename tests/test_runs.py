@@ -1,0 +1,162 @@
+"""Whole training runs on a tiny routed model: resume after SIGKILL, DDP and FSDP under
+torchrun (gloo) against one process, atomic checkpoints, and clear errors on bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import weights
+from conftest import tiny_model
+from data import prepare_sharegpt
+from test_data import ByteTokenizer, write_sharegpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model as a HF folder and a tiny chat dataset, both on disk."""
+    d = tmp_path_factory.mktemp("run")
+    weights.save_hf(tiny_model(vocab_size=300, block_size=128), d / "model")
+    records = [{"id": f"c{i}", "conversations": [
+        {"from": "human", "value": f"question {i} " * (1 + i % 4)},
+        {"from": "gpt", "value": f"answer {i * 7} " * (2 + i % 5)}]} for i in range(120)]
+    write_sharegpt(d / "s.json", records, cut=False)
+    prepare_sharegpt(str(d / "data" / "sharegpt"), ByteTokenizer(), val_every=8, path=str(d / "s.json"))
+    return d
+
+
+def flags(setup, out, **over):
+    base = dict(init_from=setup / "model", data_dir=setup / "data", placement="interleave", n_new=2,
+                route="mlp", labels="cos-global", capacity_steps=4, capacity_end=0.6, seq_len=32, batch_size=2,
+                grad_accum=4, max_steps=8, lr=3e-3, eval_every=4, eval_rows=4, ckpt_every=2, out_dir=out)
+    base.update(over)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def run(args, nproc=1, **kw):
+    cmd = [sys.executable, "train.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0", "train.py"]
+    return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def losses(out):
+    steps = {}
+    with open(os.path.join(out, "log.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                steps[r["step"]] = r   # a resumed run may log a step twice: keep the last
+    return [steps[s] for s in sorted(steps)]
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    out = setup / "single"
+    r = run(flags(setup, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_sigkill_then_resume_matches_uninterrupted(setup, single):
+    out = setup / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py"] + flags(setup, out, ckpt_every=3), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:   # kill once step 4 is logged, i.e. after the step-3 checkpoint
+        if log.exists() and any(json.loads(l).get("step") == 4 and "loss" in l for l in log.read_text().splitlines()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert weights.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+    r = run(flags(setup, out, ckpt_every=3, resume=True))
+    assert r.returncode == 0, r.stderr[-2000:]
+    got, want = losses(out), losses(single)
+    assert [g["step"] for g in got] == list(range(1, 9))
+    for g, w in zip(got, want):
+        assert abs(g["loss"] - w["loss"]) < 1e-6 and g["caps"] == pytest.approx(w["caps"], abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_match_one_process(setup, single, mode):
+    out = setup / mode
+    r = run(flags(setup, out, grad_accum=2, dist=mode), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = losses(out), losses(single)
+    assert len(got) == len(want) == 8
+    for g, w in zip(got, want):
+        assert abs(g["loss"] - w["loss"]) < 1e-5, (g, w)
+        assert abs(g["router_loss"] - w["router_loss"]) < 1e-5
+        assert g["caps"] == pytest.approx(w["caps"], abs=1e-6)
+    a = weights.from_pretrained(str(out / "ckpt.pt"))
+    b = weights.from_pretrained(str(single / "ckpt.pt"))
+    prompt = [[5, 6, 7, 8, 9]]
+    assert a.generate(prompt, 12) == b.generate(prompt, 12)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    weights.save_checkpoint(path, {"model": {}, "model_config": {}, "step": 1})
+
+    class Boom:
+        def __reduce__(self):
+            raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        weights.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "model_config": {}, "late": Boom()})
+    assert weights.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def snapshot(folder):
+    return {p: os.path.getmtime(os.path.join(folder, p)) for p in sorted(os.listdir(folder))} \
+        if os.path.isdir(folder) else {}
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(lerning_rate=1), "unknown flag --lerning_rate"),
+    (dict(n_new=40), "new layers"),
+    (dict(placement="tli", every_k=-1), "K=-1"),
+    (dict(placement="index", after="2,9"), "out of range"),
+    (dict(capacity_end=1.5), "(0, 1]"),
+    (dict(data_dir="/nonexistent/data", dataset="shakespeare-typo"), "unknown dataset"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(setup, single, over, message):
+    before = snapshot(single)
+    r = run(flags(setup, single, **over))
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in r.stderr
+    assert snapshot(single) == before
+
+
+def test_checkpoint_from_another_architecture_is_refused(setup, single):
+    before = snapshot(single)
+    r = run(flags(setup, single, n_new=4, resume=True))
+    assert r.returncode != 0 and "n_new=2 -> 4" in r.stderr.strip().splitlines()[-1]
+    other = setup / "other"   # a checkpoint whose config does not match its tensors
+    other.mkdir(exist_ok=True)
+    ckpt = weights.load_checkpoint(str(single / "ckpt.pt"))
+    ckpt["model_config"]["intermediate_size"] = 64
+    weights.save_checkpoint(str(other / "ckpt.pt"), ckpt)
+    r = run(flags(setup, other, resume=True))
+    assert r.returncode != 0 and "has shape" in r.stderr.strip().splitlines()[-1]
+    assert snapshot(single) == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup):
+    out = setup / "nan"
+    r = run(flags(setup, out, lr=1e8, max_steps=30, grad_clip=0, ckpt_every=1))
+    last = r.stderr.strip().splitlines()[-1].lower()
+    assert r.returncode != 0 and "last good checkpoint" in last and ("non-finite" in last or "loss is" in last)
+    ckpt = weights.load_checkpoint(str(out / "ckpt.pt"))
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
