@@ -77,7 +77,7 @@ def train_predictors(factors, epochs=10, batch_size=64, lr=1e-3, alpha=5e-4, hol
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            bar.set_postfix(loss=f"{loss.item():.2e}")
+            bar.set_postfix(loss=f"{loss.detach().item():.2e}")
         nets[kind] = net.eval()
     return nets
 
