@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import dlo
 import weights
-from data import DataError, TokenData, prepare_shakespeare, prepare_sharegpt
+from data import TokenData, prepare_shakespeare, prepare_sharegpt
 from router import (Rule, annealed_capacity, dynamic_lr_scales, rescale_capacities, router_bce,
                     similarity_labels)
 
@@ -94,6 +94,13 @@ class TrainConfig:
     device: str = "auto"
 
 
+CHOICES = {"placement": ("none", "interleave", "tli", "stack", "index", "lesa"),
+           "init": ("zeros", "copy", "random", "merge-linear", "merge-slerp"), "route": ("none", "mlp", "block"),
+           "kv_policy": ("compute", "drop"), "gate": ("dlo", "mod"), "train_rule": ("topk", "threshold"),
+           "labels": ("cos", "cos-global", "self", "none"), "dataset": ("sharegpt", "shakespeare"),
+           "dist": ("ddp", "fsdp"), "dtype": ("float32", "bfloat16")}
+
+
 def parse_args(argv=None):
     """Flags from the dataclass; --config loads a JSON preset first, flags override it.
     An unknown flag is one line naming the closest real flag."""
@@ -121,6 +128,9 @@ def parse_args(argv=None):
             sys.exit(f"error: {args.config} sets unknown fields {sorted(wrong)}")
     values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     cfg = TrainConfig(**values)
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            sys.exit(f"error: --{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
     if not (0 < cfg.capacity_start <= 1 and 0 < cfg.capacity_end <= 1):
         sys.exit(f"error: capacities must be in (0, 1], got {cfg.capacity_start} -> {cfg.capacity_end}")
     return cfg
@@ -164,10 +174,8 @@ def load_data(cfg, split, tok_source):
         tok = load_tokenizer(tok_source)
         if cfg.dataset == "sharegpt":
             prepare_sharegpt(path, tok, max_convs=cfg.max_convs or None)
-        elif cfg.dataset == "shakespeare":
-            prepare_shakespeare(path, tok)
         else:
-            raise DataError(f"unknown dataset {cfg.dataset!r}: use sharegpt or shakespeare")
+            prepare_shakespeare(path, tok)
     return TokenData(path, split, cfg.seq_len)
 
 

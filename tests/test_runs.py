@@ -2,6 +2,7 @@
 torchrun (gloo) against one process, atomic checkpoints, and clear errors on bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,8 +42,8 @@ def flags(setup, out, **over):
 
 def run(args, nproc=1, **kw):
     cmd = [sys.executable, "train.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0", "train.py"]
-    return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
@@ -64,24 +65,28 @@ def single(setup):
     return out
 
 
-def test_sigkill_then_resume_matches_uninterrupted(setup, single):
+def test_sigkill_then_resume_matches_uninterrupted(setup):
+    long = dict(max_steps=200, ckpt_every=7, eval_every=100)
+    reference = setup / "uninterrupted"
+    assert run(flags(setup, reference, **long)).returncode == 0
     out = setup / "killed"
-    proc = subprocess.Popen([sys.executable, "train.py"] + flags(setup, out, ckpt_every=3), cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "train.py"] + flags(setup, out, **long), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = out / "log.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:   # kill once step 4 is logged, i.e. after the step-3 checkpoint
-        if log.exists() and any(json.loads(l).get("step") == 4 and "loss" in l for l in log.read_text().splitlines()):
+    while time.time() < deadline and proc.poll() is None:   # kill once a few checkpoints exist
+        if log.exists() and len(log.read_text().splitlines()) > 20:
             break
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert weights.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
-    r = run(flags(setup, out, ckpt_every=3, resume=True))
+    killed_at = weights.load_checkpoint(str(out / "ckpt.pt"))["step"]
+    assert 0 < killed_at < 200, "the run must die mid-way"
+    r = run(flags(setup, out, resume=True, **long))
     assert r.returncode == 0, r.stderr[-2000:]
-    got, want = losses(out), losses(single)
-    assert [g["step"] for g in got] == list(range(1, 9))
+    got, want = losses(out), losses(reference)
+    assert [g["step"] for g in got] == list(range(1, 201))
     for g, w in zip(got, want):
         assert abs(g["loss"] - w["loss"]) < 1e-6 and g["caps"] == pytest.approx(w["caps"], abs=1e-9)
 
@@ -94,9 +99,12 @@ def test_torchrun_two_ranks_match_one_process(setup, single, mode):
     got, want = losses(out), losses(single)
     assert len(got) == len(want) == 8
     for g, w in zip(got, want):
-        assert abs(g["loss"] - w["loss"]) < 1e-5, (g, w)
-        assert abs(g["router_loss"] - w["router_loss"]) < 1e-5
-        assert g["caps"] == pytest.approx(w["caps"], abs=1e-6)
+        # DDP is exact to fp32 round-off. FSDP's sharded arithmetic differs in the last bits,
+        # and the cos-global cut and top-k are discrete: a token at the cut may flip
+        tol = 1e-5 if mode == "ddp" else 1e-4
+        assert abs(g["loss"] - w["loss"]) < tol, (g, w)
+        assert abs(g["router_loss"] - w["router_loss"]) < tol
+        assert g["caps"] == pytest.approx(w["caps"], abs=1e-6 if mode == "ddp" else 1e-2)
     a = weights.from_pretrained(str(out / "ckpt.pt"))
     b = weights.from_pretrained(str(single / "ckpt.pt"))
     prompt = [[5, 6, 7, 8, 9]]
@@ -128,9 +136,19 @@ def snapshot(folder):
     (dict(placement="tli", every_k=-1), "K=-1"),
     (dict(placement="index", after="2,9"), "out of range"),
     (dict(capacity_end=1.5), "(0, 1]"),
-    (dict(data_dir="/nonexistent/data", dataset="shakespeare-typo"), "unknown dataset"),
+    (dict(dataset="shakespear"), "--dataset must be one of sharegpt, shakespeare"),
+    (dict(data_dir="CORRUPT"), "missing or corrupt"),
+    (dict(data_dir="EMPTY"), "no usable rows"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(setup, single, over, message):
+    if over.get("data_dir") in ("CORRUPT", "EMPTY"):
+        bad = setup / over["data_dir"] / "sharegpt"
+        shutil.copytree(setup / "data" / "sharegpt", bad, dirs_exist_ok=True)
+        if over["data_dir"] == "CORRUPT":
+            (bad / "val.offsets.npy").write_bytes(b"garbage")
+        else:   # a split whose conversations have nothing to learn
+            (bad / "train.mask.bin").write_bytes(bytes(len((bad / "train.mask.bin").read_bytes())))
+        over = {"data_dir": setup / over["data_dir"]}
     before = snapshot(single)
     r = run(flags(setup, single, **over))
     assert r.returncode != 0
