@@ -54,18 +54,21 @@ def hamlet_perplexity(model, n_tokens=2048):
     return math.exp(float(loss))
 
 
-def force_fraction(model, fraction, prompt):
-    """Random router weights, then the threshold that runs `fraction` of the
-    (layer, token) pairs of the prompt: a stand-in for a trained router."""
+def force_fraction(model, fraction, sequence):
+    """Random router weights, then per-layer thresholds that run `fraction` of the tokens
+    of `sequence` at each layer, set layer by layer with the layers below already routed
+    (skipping changes what later layers see): a stand-in for a trained router."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in model.layers:
             if layer.router is not None:
                 w = torch.randn(layer.router.weight.shape, generator=g) / layer.router.weight.size(1) ** 0.5
                 layer.router.weight.copy_(w.to(layer.router.weight))
-        model(prompt, rule=Rule("all"))
-        probs = torch.cat([t["p"].flatten() for t in model.route_trace])
-    return Rule("threshold", float(torch.quantile(probs, 1 - fraction)))
+        thresholds = [0.0] * len(model.config.routed_ids())
+        for slot in range(len(thresholds)):
+            model(sequence, rule=Rule("threshold", tuple(thresholds)))
+            thresholds[slot] = float(torch.quantile(model.route_trace[slot]["p"].flatten(), 1 - fraction))
+    return Rule("threshold", tuple(thresholds))
 
 
 def time_run(model, prompts, new_tokens, rule, repeats):
@@ -145,13 +148,16 @@ def main(argv=None):
     dense = dlo.expand(base, "interleave", n_new=L // 3, init="zeros")
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
-    calib = torch.tensor([prompt], device=device)
+    # routers are calibrated on the prompt and its dense greedy continuation: what decoding sees
+    calib = torch.tensor([prompt + dense.generate([prompt], args.new_tokens)[0]], device=device)
 
     rows = [("dense base", base, None), ("dense expanded", dense, None)]
-    for route in ("mlp", "block"):
-        for f in [float(s) for s in args.fractions.split(",")]:
-            routed = dlo.activate(dense, route).eval()
-            rows.append((f"{route} skip, {f:.0%} forced", routed, force_fraction(routed, f, calib)))
+    for route, policy in (("mlp", "compute"), ("block", "compute"), ("block", "drop")):
+        fractions = [float(s) for s in args.fractions.split(",")] if policy == "compute" else [0.5]
+        for f in fractions:
+            routed = dlo.activate(dense, route, kv_policy=policy).eval()
+            name = f"{route} skip{', drop KV' if policy == 'drop' else ''}, {f:.0%} forced"
+            rows.append((name, routed, force_fraction(routed, f, calib)))
 
     results, reference = [], {}
     context = args.prompt_len + args.new_tokens // 2

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from router import Router, Rule, dlo_gate, select, token_similarity
+from router import Router, Rule, dlo_gate, layer_threshold, select, token_similarity
 
 
 @dataclass
@@ -184,6 +184,8 @@ class MLP(nn.Module):
 def add_rows(base, sel, gate, rows_fn):
     """base + gate * rows_fn(rows) on the selected tokens only: gather, run, scatter.
     Skipped tokens cost nothing; positions never move, so the residual is added once."""
+    if not sel.any():   # e.g. a skipped token at batch-1 decode: nothing to run at all
+        return base
     flat = base.reshape(-1, base.size(-1))
     idx = sel.flatten().nonzero().squeeze(1)   # ascending token order
     y = rows_fn(idx)
@@ -207,7 +209,7 @@ class Block(nn.Module):
             h = x + self.self_attn(self.input_layernorm(x), rope, input_pos, valid)
             return h + self.mlp(self.post_attention_layernorm(h)), None
         if self.fusable(x, rule):
-            return self.mlp_routed_fused(x, rope, valid, input_pos, rule.threshold)
+            return self.mlp_routed_fused(x, rope, valid, input_pos, layer_threshold(rule, slot))
         p = self.router(x)
         decide = self.router.predict(x) if rule.use_predictor else p
         sel = select(decide, valid, rule, slot)

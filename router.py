@@ -65,11 +65,13 @@ class Rule:
           the batch (non-causal, training only); "threshold" runs a token iff
           p >= threshold (causal, usable with the KV cache); "all" runs every token.
     capacity: per routed layer, only for "topk".
+    threshold: a float, or a tuple with one value per routed layer (bench.py forces
+          executed fractions this way).
     similarity: also compute cos(before, after) per token for the label rules; this
           runs the routed branch densely, since every token needs it.
     """
     kind: str = "threshold"
-    threshold: float = 0.5
+    threshold: float = 0.5          # or one threshold per routed layer (a tuple)
     capacity: tuple = ()
     similarity: bool = False
     use_predictor: bool = False  # MoD decoding: decide with the auxiliary predictor
@@ -89,12 +91,16 @@ def select_threshold(p, valid, threshold):
     return decide(p, valid, threshold=threshold)
 
 
+def layer_threshold(rule, layer_slot):
+    return rule.threshold[layer_slot] if isinstance(rule.threshold, (tuple, list)) else rule.threshold
+
+
 def select(p, valid, rule, layer_slot):
     """Apply `rule` to one layer's probabilities p (B, T); layer_slot indexes rule.capacity."""
     if rule.kind == "all":
         return valid.clone()
     if rule.kind == "threshold":
-        return select_threshold(p, valid, rule.threshold)
+        return select_threshold(p, valid, layer_threshold(rule, layer_slot))
     if rule.kind == "topk":
         return select_topk(p, valid, rule.capacity[layer_slot])
     raise ValueError(f"unknown routing rule {rule.kind!r}: use topk, threshold or all")

@@ -104,12 +104,13 @@ def main(argv=None):
     all_pieces, all_ran = [], []
     for sample in range(args.num_samples):
         print(f"--- sample {sample + 1}/{args.num_samples}" if args.num_samples > 1 else "---")
-        out, t0 = [], time.time()
+        out, t0, t_first = [], time.time(), None
         try:
             stream = model.generate_stream([ids], args.max_new_tokens, temperature=args.temperature,
                                            top_k=args.top_k, stop_ids=[tok.eos_id, tok.im_end_id],
                                            rule=rule, generator=generator)
             for token, done, ran in stream:
+                t_first = t_first or time.time()   # the prompt's prefill ends with the first token
                 token = int(token[0])
                 if token in (tok.eos_id, tok.im_end_id):
                     break
@@ -123,10 +124,11 @@ def main(argv=None):
                     print(colour(piece, int(ran[0].sum()), cfg.n_layer, tty), end="", flush=True)
         except ValueError as e:
             sys.exit(f"\nerror: {e}")
-        dt = time.time() - t0
+        decode_s = max(1e-9, time.time() - (t_first or t0))
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        print(f"\n--- {len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s "
-              f"({len(out) * n_bytes / dt / 1e9:.2f} GB/s of weights read)")
+        steps = max(0, len(out) - 1)   # tokens after the first come from decode steps
+        print(f"\n--- prefill {len(ids)} tokens in {(t_first or t0) - t0:.2f}s; decode {steps} tokens at "
+              f"{steps / decode_s:.1f} tokens/s, {steps * n_bytes / decode_s / 1e9:.2f} GB/s of weights read")
     if all_ran:
         per_layer = torch.tensor(all_ran, dtype=torch.float64).mean(0).tolist()
         context = len(ids) + len(all_ran) // max(1, args.num_samples)

@@ -77,7 +77,7 @@ class TrainConfig:
     grad_accum: int = 2
     # optimisation
     max_steps: int = 24
-    lr: float = 1e-4
+    lr: float = 2e-5                # DLO's SFT learning rate
     min_lr_ratio: float = 0.1
     warmup_frac: float = 0.03
     weight_decay: float = 0.0
