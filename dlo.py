@@ -166,7 +166,7 @@ def expand(model, placement="interleave", n_new=0, init="zeros", every_k=0, trim
 
 
 def freeze(model, layers):
-    """Return the model with `layers` frozen (and the embeddings, final norm and head)."""
+    """Freeze `layers` (and the embeddings, final norm and head) in place; returns the model."""
     model.config.frozen_layers = tuple(sorted(layers))
     model.config.__post_init__()
     model.apply_freezing()

@@ -146,26 +146,22 @@ def main():
     nets = train_predictors(factors, epochs=args.epochs, holdout=holdout)
     rows, reference = [], loss_of(model)
     for l in holdout:
-        pred = predict_weights(factors, nets, l - 1, l + 1)
-        errs = {"lesa": [], "mean": []}
-        num, den = {"lesa": 0.0, "mean": 0.0}, 0.0
-        variants = {}
-        for name, source in (("lesa", pred), ("mean", None)):
-            m = dlo.rebuild(model, [(i, None) for i in range(model.config.n_layer)])
-            for kind in KINDS:
-                w = weight(model.layers[l], kind).detach()
-                guess = source[kind] if source else (weight(model.layers[l - 1], kind) +
-                                                     weight(model.layers[l + 1], kind)).detach() / 2
-                errs[name].append(float((guess - w).norm() / w.norm()))
-                num[name] += float((guess - w).pow(2).sum())
-                with torch.no_grad():
-                    weight(m.layers[l], kind).copy_(guess)
-            variants[name] = m
-        den = sum(float(weight(model.layers[l], k).detach().pow(2).sum()) for k in KINDS)
-        rows.append({"layer": l, "rel_err_lesa": (num["lesa"] / den) ** 0.5, "rel_err_mean": (num["mean"] / den) ** 0.5,
-                     "per_kind_lesa": dict(zip(KINDS, errs["lesa"])), "per_kind_mean": dict(zip(KINDS, errs["mean"])),
-                     "loss_lesa": loss_of(variants["lesa"]), "loss_mean": loss_of(variants["mean"]),
-                     "loss_original": reference, "loss_removed": loss_of(dlo.drop_layers(model, [l]))})
+        truth = {k: weight(model.layers[l], k).detach() for k in KINDS}
+        guesses = {"lesa": predict_weights(factors, nets, l - 1, l + 1),
+                   "mean": {k: (weight(model.layers[l - 1], k) + weight(model.layers[l + 1], k)).detach() / 2
+                            for k in KINDS}}
+        row = {"layer": l, "loss_original": reference, "loss_removed": loss_of(dlo.drop_layers(model, [l]))}
+        for name, guess in guesses.items():
+            # relative error over all seven matrices together, and per kind
+            err = sum(float((guess[k] - truth[k]).pow(2).sum()) for k in KINDS)
+            row[f"rel_err_{name}"] = (err / sum(float(truth[k].pow(2).sum()) for k in KINDS)) ** 0.5
+            row[f"per_kind_{name}"] = {k: float((guess[k] - truth[k]).norm() / truth[k].norm()) for k in KINDS}
+            replaced = dlo.rebuild(model, [(i, None) for i in range(model.config.n_layer)])
+            with torch.no_grad():
+                for k in KINDS:
+                    weight(replaced.layers[l], k).copy_(guess[k])
+            row[f"loss_{name}"] = loss_of(replaced)
+        rows.append(row)
     print("| layer | rel. error LESA | rel. error neighbour mean | loss: LESA | loss: mean | loss: original "
           "| loss: layer removed |\n|---|---|---|---|---|---|---|")
     for r in rows:

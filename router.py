@@ -165,8 +165,7 @@ def rescale_capacities(caps, global_capacity):
 
 
 def dynamic_lr_scales(caps):
-    """DLO 'dynamic LR': layer l's LR is multiplied by c_l + (1 - mean_l c_l), so layers
-    that run fewer tokens (and so see fewer gradients) are not over-trained relative
-    to their use, while the average multiplier stays 1."""
+    """DLO's "dynamic LR" (METHODS.md 1): layer l's LR is multiplied by c_l + (1 - mean c),
+    which follows each layer's capacity while keeping the mean multiplier at 1."""
     mean = sum(caps) / len(caps)
     return [c + (1.0 - mean) for c in caps]

@@ -43,7 +43,6 @@ from router import (Rule, annealed_capacity, dynamic_lr_scales, rescale_capaciti
 class TrainConfig:
     # model
     init_from: str = "smollm2"      # "smollm2", a .gguf file, a HF folder, or a .pt checkpoint
-    dtype: str = "float32"          # weights; bf16 autocast is used on CUDA when supported
     # expansion (dlo.py); placement "none" keeps the depth
     placement: str = "interleave"   # none, interleave, tli, stack, index, lesa
     n_new: int = 10                 # interleave: new layers (SmolLM2 30 -> 40)
@@ -98,7 +97,7 @@ CHOICES = {"placement": ("none", "interleave", "tli", "stack", "index", "lesa"),
            "init": ("zeros", "copy", "random", "merge-linear", "merge-slerp"), "route": ("none", "mlp", "block"),
            "kv_policy": ("compute", "drop"), "gate": ("dlo", "mod"), "train_rule": ("topk", "threshold"),
            "labels": ("cos", "cos-global", "self", "none"), "dataset": ("sharegpt", "shakespeare"),
-           "dist": ("ddp", "fsdp"), "dtype": ("float32", "bfloat16")}
+           "dist": ("ddp", "fsdp")}
 
 
 def parse_args(argv=None):
@@ -238,14 +237,17 @@ def save_checkpoint(path, model, optimizer, cfg, state, master):
     """Everything a resume needs, written atomically by rank 0. Under FSDP every rank
     takes part in gathering the full (unsharded) state first."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    local = [getattr(p, "to_local", lambda: p)() for p in model.parameters()]   # FSDP: this rank's shards
+    finite = torch.tensor([float(all(bool(torch.isfinite(p.detach()).all()) for p in local))])
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():   # an update blew up: never let it replace the last good checkpoint
+        sys.exit(f"error: weights became non-finite by step {state['step']}; the last good checkpoint "
+                 f"({path}) is kept" if master else 1)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=full)
     if not master:
         return
-    bad = [k for k, v in model_state.items() if not torch.isfinite(v).all()]
-    if bad:   # an update blew up: never let it replace the last good checkpoint
-        sys.exit(f"error: weights became non-finite ({bad[0]}, ...) by step {state['step']}; "
-                 f"the last good checkpoint ({path}) is kept")
     weights.save_checkpoint(path, {
         "model": model_state, "model_config": dataclasses.asdict(model.config),
         "optimizer": optim_state, "train_config": dataclasses.asdict(cfg), **state,
