@@ -2,6 +2,7 @@
 import math
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import dlo
@@ -147,3 +148,36 @@ def test_mod_topk_routes_exactly_topk_at_original_positions():
         want = x.clone()
         want[:, top] = sub + p[top][None, :, None] * (sub_out - sub)
     assert (out - want).abs().max() < 1e-5
+
+
+@st.composite
+def routed_batch(draw):
+    B, T = draw(st.integers(1, 4)), draw(st.integers(1, 12))
+    # few distinct values, so ties are common
+    p = torch.tensor(draw(st.lists(st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]), min_size=B * T, max_size=B * T)))
+    valid = torch.tensor(draw(st.lists(st.booleans(), min_size=B * T, max_size=B * T)))
+    return p.view(B, T), valid.view(B, T), draw(st.floats(0.0, 1.0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(routed_batch())
+def test_topk_property_capacity_ties_padding(batch):
+    p, valid, capacity = batch
+    sel = select_topk(p, valid, capacity)
+    n, k = int(valid.sum()), math.ceil(capacity * int(valid.sum()) - 1e-9)
+    assert not (sel & ~valid).any()                                   # padding is never selected
+    assert int(sel.sum()) >= min(k, n)                                # the capacity is honoured
+    if k > 0 and n > 0:
+        cut = p[sel].min()
+        assert not (valid & ~sel & (p >= cut)).any()                 # ties at the cut are kept
+        assert int((valid & (p > cut)).sum()) < k                     # and nothing beyond them
+    else:
+        assert not sel.any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(routed_batch())
+def test_threshold_property(batch):
+    p, valid, threshold = batch
+    sel = select_threshold(p, valid, threshold)
+    assert torch.equal(sel, valid & (p >= threshold))
