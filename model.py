@@ -211,14 +211,13 @@ class Block(nn.Module):
         if self.fusable(x, rule):
             return self.mlp_routed_fused(x, rope, valid, input_pos, layer_threshold(rule, slot))
         p = self.router(x)
-        decide = self.router.predict(x) if rule.use_predictor else p
-        sel = select(decide, valid, rule, slot)
+        q = self.router.predict(x) if self.router.predictor is not None else None
+        sel = select(q if rule.use_predictor else p, valid, rule, slot)
         gate = p if self.cfg.route_gate == "mod" else dlo_gate(p, self.cfg.route_gap)
         if self.cfg.route == "mlp":
             out, sim = self.mlp_routed(x, rope, valid, input_pos, sel, gate, rule.similarity)
         else:
             out, sim = self.block_routed(x, rope, valid, input_pos, sel, gate, rule.similarity)
-        q = self.router.predict(x) if self.router.predictor is not None else None
         return out, {"p": p, "q": q, "sel": sel, "sim": sim, "valid": valid}
 
     def fusable(self, x, rule):

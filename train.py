@@ -62,6 +62,7 @@ class TrainConfig:
     threshold: float = 0.5          # threshold rule, and inference
     labels: str = "cos-global"      # cos, cos-global, self, none
     router_lambda: float = 1.0
+    router_lr_scale: float = 1.0    # routers' LR = lr * this (DLO uses one LR for all)
     capacity_start: float = 1.0
     capacity_end: float = 0.9
     capacity_steps: int = 12        # anneal over this many steps (paper: 1000)
@@ -187,13 +188,17 @@ def lr_at(step, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def param_groups(model):
-    """One optimizer group per layer, so the dynamic LR can scale each layer on its own."""
-    groups = [{"params": [p for p in layer.parameters() if p.requires_grad], "layer": i}
+def param_groups(model, router_lr_scale=1.0):
+    """One optimizer group per layer, so the dynamic LR can scale each layer on its own;
+    the routers form one more group with their own LR multiplier."""
+    routers = [p for layer in model.layers if layer.router is not None for p in layer.router.parameters()]
+    ids = {id(p) for p in routers}
+    groups = [{"params": [p for p in layer.parameters() if p.requires_grad and id(p) not in ids], "layer": i}
               for i, layer in enumerate(model.layers)]
     in_layers = {id(p) for layer in model.layers for p in layer.parameters()}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
-    return [g for g in groups + [{"params": rest, "layer": None}] if g["params"]]
+    groups += [{"params": rest, "layer": None}, {"params": routers, "layer": None, "scale": router_lr_scale}]
+    return [g for g in groups if g["params"]]
 
 
 def micro_losses(model, inner, x, y, valid, rule, cfg, c_bar, n_lm, n_route):
@@ -296,7 +301,7 @@ def main(argv=None):
     elif distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=n_routed > 0)
     # the optimizer is made after sharding, so under FSDP it holds the shards
-    optimizer = torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.router_lr_scale), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
     if resume:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -359,7 +364,7 @@ def main(argv=None):
         lr = lr_at(step, cfg)
         scales = dict(zip(routed_layers, dynamic_lr_scales(caps) if cfg.dynamic_lr and caps else []))
         for group in optimizer.param_groups:
-            group["lr"] = lr * scales.get(group["layer"], 1.0)
+            group["lr"] = lr * scales.get(group["layer"], 1.0) * group.get("scale", 1.0)
         rows = train_data.rows_at(step, global_batch, cfg.seed)
         batches = [train_data.batch(rows[(rank * cfg.grad_accum + m) * cfg.batch_size:][:cfg.batch_size])
                    for m in range(cfg.grad_accum)]

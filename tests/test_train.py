@@ -46,7 +46,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(route):
         for sl in chunks:
             loss, _, _ = micro_losses(model, model, x[sl], y[sl], valid[sl], rule, cfg, 1.0, n_lm, n_route)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     big_loss, big_grads = run([slice(0, 6)])
@@ -75,7 +75,8 @@ def test_param_groups_cover_each_trainable_parameter_once():
     groups = param_groups(model)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
-    assert [g["layer"] for g in groups] == [0, 1, 2, 3, None]
+    assert [g["layer"] for g in groups] == [0, 1, 2, 3, None, None]
+    assert groups[-1]["params"] == [layer.router.weight for layer in model.layers]   # the routers, on their own
 
 
 def test_unknown_flag_suggests_the_closest(capsys):
