@@ -98,13 +98,15 @@ def test_torchrun_two_ranks_match_one_process(setup, single, mode):
     assert r.returncode == 0, r.stderr[-3000:]
     got, want = losses(out), losses(single)
     assert len(got) == len(want) == 8
+    # Step 1 sees identical weights: loss, router loss and capacities agree to fp32 round-off.
+    # Later steps start from weights that differ in the last bits (the all-reduce sums in
+    # another order), and the cos-global cut is a discrete quantile over near-tied
+    # similarities, so a token at the cut may flip: a few tokens' worth of capacity.
     for g, w in zip(got, want):
-        # DDP is exact to fp32 round-off. FSDP's sharded arithmetic differs in the last bits,
-        # and the cos-global cut and top-k are discrete: a token at the cut may flip
-        tol = 1e-5 if mode == "ddp" else 1e-4
-        assert abs(g["loss"] - w["loss"]) < tol, (g, w)
-        assert abs(g["router_loss"] - w["router_loss"]) < tol
-        assert g["caps"] == pytest.approx(w["caps"], abs=1e-6 if mode == "ddp" else 1e-2)
+        first = g["step"] == 1
+        assert abs(g["loss"] - w["loss"]) < (1e-6 if first else 2e-4), (g, w)
+        assert abs(g["router_loss"] - w["router_loss"]) < (1e-6 if first else 2e-4)
+        assert g["caps"] == pytest.approx(w["caps"], abs=1e-6 if first else 1e-2)
     a = weights.from_pretrained(str(out / "ckpt.pt"))
     b = weights.from_pretrained(str(single / "ckpt.pt"))
     prompt = [[5, 6, 7, 8, 9]]
