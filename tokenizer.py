@@ -8,7 +8,8 @@ Notable features
 - control tokens (GGUF token_type 3) are the special tokens
 - the "smollm" pre-tokenizer: every digit on its own, then GPT-2's split pattern
 - round-trips any UTF-8 text, but for characters whose bytes the vocabulary lacks
-  (six ASCII controls and two unassigned Unicode planes), which become U+FFFD; chat rendering with an assistant-token mask for SFT
+  (six ASCII controls and two unassigned Unicode planes), which become U+FFFD
+- chat rendering with an assistant-token mask for SFT
 - writes and reads a HF-compatible tokenizer.json, so exported folders carry it
 """
 import functools
@@ -89,6 +90,8 @@ class Tokenizer:
         self.special_ids = set(specials.values())
         self.unencodable = unencodable_chars(ranks)
         self.vocab_size = len(tokens)
+        # <|endoftext|> ends a document (data.py separates plays with it); a chat turn
+        # ends with <|im_end|>, which generation stops on as well
         self.eos_id = self.pad_id = specials["<|endoftext|>"]
         self.bos_id = self.im_start_id = specials["<|im_start|>"]
         self.im_end_id = specials["<|im_end|>"]
@@ -103,14 +106,18 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids):
-        return self.enc.decode_bytes(list(ids))
+        return self.enc.decode_bytes([int(i) for i in ids])   # also a tensor or numpy row
 
     def render_chat(self, messages, add_generation_prompt=False):
         return self.decode(self.encode_chat(messages, add_generation_prompt))
 
     def chat_turns(self, messages):
         """(token ids, learn?) pieces of the SmolLM2 template:
-        <|im_start|>role\\ncontent<|im_end|>\\n, with its default system prompt first."""
+        <|im_start|>role\\ncontent<|im_end|>\\n, with its default system prompt first.
+        Header and content are encoded apart, so a prompt ending in the generation header is
+        a token prefix of the whole chat and SFT learns exactly what generation will emit.
+        HF tokenizes the rendered text whole; the two differ only where a message opens with
+        whitespace, which HF merges into the header's newline."""
         if not messages or messages[0]["role"] != "system":
             messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
         newline = self.encode("\n")
@@ -135,10 +142,21 @@ class Tokenizer:
         return ids, mask
 
 
-def read_gguf_vocab(path):
+def gguf_reader(path):
+    """One parse per GGUF file per process, shared with weights.py: GGUFReader spends
+    seconds on the 98k vocabulary strings before any tensor is read."""
+    return cached_reader(os.path.abspath(path), os.stat(path).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_reader(path, mtime_ns):   # the mtime key: a rewritten file is read afresh
     import gguf
+    return gguf.GGUFReader(path)
+
+
+def read_gguf_vocab(path):
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf_reader(path)
         field = lambda k: reader.fields[k]
         tok_f, type_f = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
         tokens = [bytes(tok_f.parts[i]).decode("utf-8") for i in tok_f.data]

@@ -20,17 +20,20 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
-from tokenizer import save_tokenizer, smollm2_gguf_path
+from tokenizer import gguf_reader, save_tokenizer, smollm2_gguf_path
 
 
 class WeightsError(ValueError):
     pass
 
 
-def check_and_load(model, state, source):
-    """Load `state` (our names) into `model`, naming any missing, unexpected or misshapen tensor."""
+def build(cfg, state, source):
+    """GPT(cfg) holding `state` (our names), naming any missing, unexpected or misshapen
+    tensor. Built on the meta device and the tensors assigned: no random init to discard."""
+    with torch.device("meta"):
+        model = GPT(cfg)
     want = model.state_dict()
-    if model.config.tie_embeddings:
+    if cfg.tie_embeddings:
         want.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)
     missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
@@ -40,7 +43,9 @@ def check_and_load(model, state, source):
         if tuple(tensor.shape) != tuple(want[name].shape):
             raise WeightsError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                                f"the model expects {tuple(want[name].shape)}")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:   # assign replaced the embedding; the head must share the new one
+        model.lm_head.weight = model.embed_tokens.weight
     return model
 
 
@@ -49,6 +54,8 @@ def check_and_load(model, state, source):
 GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+GGUF_TOP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+            "output.weight": "lm_head.weight"}
 
 
 def unpermute(w, n_head):
@@ -63,15 +70,14 @@ def load_gguf(path, dtype=torch.float32):
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf_reader(path)
         meta = lambda k: reader.fields[k].parts[reader.fields[k].data[0]]
         arch = bytes(meta("general.architecture")).decode()
         if arch != "llama":
             raise WeightsError(f"{path}: architecture {arch!r} is not supported (llama only)")
-        n_head = int(meta("llama.attention.head_count")[0])
         cfg = GPTConfig(
-            vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
-            n_layer=int(meta("llama.block_count")[0]), n_head=n_head,
+            vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), n_layer=int(meta("llama.block_count")[0]),
+            n_head=int(meta("llama.attention.head_count")[0]),
             n_kv_head=int(meta("llama.attention.head_count_kv")[0]),
             n_embd=int(meta("llama.embedding_length")[0]),
             intermediate_size=int(meta("llama.feed_forward_length")[0]),
@@ -81,28 +87,29 @@ def load_gguf(path, dtype=torch.float32):
             tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
         state = {}
         for t in reader.tensors:
-            array = gguf.quants.dequantize(t.data, t.tensor_type)
+            try:
+                array = gguf.quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise WeightsError(f"{path}: tensor {t.name} is {t.tensor_type.name}, "
+                                   "which the gguf package cannot dequantize") from None
             w = torch.from_numpy(np.array(array, dtype=np.float32))   # a writable copy
             w = w.reshape(tuple(int(s) for s in reversed(t.shape.tolist())))  # GGUF lists dims innermost first
-            state[gguf_to_ours(t.name, path)] = w
+            key = gguf_to_ours(t.name, path)
+            heads = {"q_proj": cfg.n_head, "k_proj": cfg.n_kv_head}.get(key.split(".")[-2])
+            if heads and w.ndim == 2 and w.shape[0] % (2 * heads) == 0:   # else build names the bad shape
+                w = unpermute(w, heads)
+            state[key] = w
     except WeightsError:
         raise
     except Exception as e:  # gguf raises ValueError, KeyError, IndexError... on a bad file
-        raise WeightsError(f"{path}: not a readable GGUF model file ({type(e).__name__}: {e})") from None
-    for i in range(cfg.n_layer):
-        for name, heads in (("q_proj", cfg.n_head), ("k_proj", cfg.n_kv_head)):
-            key = f"layers.{i}.self_attn.{name}.weight"
-            state[key] = unpermute(state[key], heads)
-    return check_and_load(GPT(cfg), state, path).to(dtype).eval()
+        raise WeightsError(f"{path}: not a GGUF model file, or truncated or corrupt "
+                           f"({type(e).__name__}: {e})") from None
+    return build(cfg, state, path).to(dtype).eval()
 
 
 def gguf_to_ours(name, path):
-    if name == "token_embd.weight":
-        return "embed_tokens.weight"
-    if name == "output_norm.weight":
-        return "norm.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
+    if name in GGUF_TOP:
+        return GGUF_TOP[name]
     parts = name.split(".")  # blk.{i}.{kind}.weight
     if parts[0] == "blk" and parts[2] in GGUF_NAMES:
         return f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
@@ -129,13 +136,22 @@ def config_from_hf(hf, source):
     kind = hf.get("model_type")
     if kind == "llama":
         heads = hf["num_attention_heads"]
+        # transformers >= 5 nests theta in rope_parameters; older files keep it at the top
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        scaling = rope.get("rope_type", rope.get("type", "default"))
+        if scaling != "default" or hf.get("hidden_act", "silu") != "silu":
+            raise WeightsError(f"{source}: RoPE scaling {scaling!r} / activation {hf.get('hidden_act')!r} "
+                               "is not supported (plain RoPE and SiLU only)")
         return GPTConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
                          n_kv_head=hf.get("num_key_value_heads", heads), n_embd=hf["hidden_size"],
                          intermediate_size=hf["intermediate_size"], block_size=hf["max_position_embeddings"],
-                         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
+                         norm_eps=hf.get("rms_norm_eps", 1e-6),
+                         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                          tie_embeddings=hf.get("tie_word_embeddings", False))
     if kind == "gpt2":
-        d = hf["n_embd"]
+        d, act = hf["n_embd"], hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):   # both are GELU's tanh form, as model.py
+            raise WeightsError(f"{source}: activation {act!r} is not supported (gelu_new only)")
         return GPTConfig(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
                          n_kv_head=hf["n_head"], n_embd=d, intermediate_size=hf.get("n_inner") or 4 * d,
                          block_size=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
@@ -167,7 +183,7 @@ def gpt2_to_ours(hf_state, cfg):
             conv = leaf == "weight" and not sub.startswith("ln")
             state[f"layers.{i}.{GPT2_LAYER[sub]}.{leaf}"] = t.t().contiguous() if conv else t
         else:
-            state[key] = t   # reported as unexpected by check_and_load
+            state[key] = t   # routers keep our names; anything else is reported by build
     return state
 
 
@@ -176,20 +192,16 @@ def load_hf(folder, dtype=torch.float32):
     try:
         with open(path) as f:
             hf = json.load(f)
+        # our own export carries the exact config (depth, routers); HF's fields cannot say it
+        cfg = GPTConfig(**hf["nanodlo"]) if "nanodlo" in hf else config_from_hf(hf, path)
     except (OSError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: cannot read config ({e})") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{path}: a config field is missing or wrong ({type(e).__name__}: {e})") from None
     state = read_safetensors(folder)
-    if "nanodlo" in hf:   # our own export: the exact config, our names behind a prefix
-        cfg = GPTConfig(**hf["nanodlo"])
-        prefix = "model." if cfg.arch == "llama" else ""
-        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-        if cfg.arch == "gpt2":
-            state = gpt2_to_ours(state, cfg)
-    else:
-        cfg = config_from_hf(hf, path)
-        state = gpt2_to_ours(state, cfg) if cfg.arch == "gpt2" else \
-            {k.removeprefix("model."): v for k, v in state.items()}
-    return check_and_load(GPT(cfg), state, folder).to(dtype).eval()
+    state = gpt2_to_ours(state, cfg) if cfg.arch == "gpt2" else \
+        {k.removeprefix("model."): v for k, v in state.items()}
+    return build(cfg, state, folder).to(dtype).eval()
 
 
 def save_hf(model, folder, tokenizer=None):
@@ -206,7 +218,8 @@ def save_hf(model, folder, tokenizer=None):
               "num_key_value_heads": cfg.n_kv_head, "intermediate_size": cfg.intermediate_size,
               "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
               "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
-              "vocab_size": cfg.vocab_size, "hidden_act": "silu", "torch_dtype": "float32"}
+              "vocab_size": cfg.vocab_size, "hidden_act": "silu",
+              "torch_dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch.")}
         state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in state.items()}
     else:
         hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd,
@@ -278,8 +291,7 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(ckpt, dtype=torch.float32):
     """The exact trained model (depth, routers, frozen layers) from the checkpoint alone."""
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    return check_and_load(model, dict(ckpt["model"]), "checkpoint").to(dtype).eval()
+    return build(GPTConfig(**ckpt["model_config"]), dict(ckpt["model"]), "checkpoint").to(dtype).eval()
 
 
 def from_pretrained(source="smollm2", dtype=torch.float32):

@@ -1,4 +1,5 @@
 """The SmolLM2 tokenizer read from the packaged GGUF: round trips, specials, chat mask."""
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from tokenizer import load_tokenizer, read_tokenizer_json, save_tokenizer
@@ -36,6 +37,7 @@ def test_chat_template_and_mask():
     assert learned == tok.encode("Hello!") + [tok.im_end_id]
     prompt = tok.encode_chat(messages[:1], add_generation_prompt=True)
     assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert ids[:len(prompt)] == prompt and mask.index(True) == len(prompt)   # SFT learns what generation emits
     with_system = tok.render_chat([{"role": "system", "content": "Be brief."}] + messages)
     assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "SmolLM" not in with_system
 
@@ -46,6 +48,30 @@ def test_tokenizer_json_round_trip(tmp_path):
     sample = "Shall I compare thee to a summer's day? 1599 — ✓"
     assert again.encode(sample) == tok.encode(sample)
     assert again.im_end_id == tok.im_end_id and again.chat_template == tok.chat_template
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tmp_path_factory):
+    """Our tokenizer.json read by HF's own tokenizers library, the reference."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = tmp_path_factory.mktemp("tok")
+    save_tokenizer(tok, folder)
+    return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(TEXT, st.text(alphabet=" \n\t1234ab'sll.é中🌍½²", max_size=40)))
+def test_same_ids_as_hf_tokenizers(hf_tok, text):
+    assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False).ids
+
+
+def test_chat_ids_as_hf_tokenizes_the_rendered_template(hf_tok):
+    messages = [{"role": "user", "content": "2 + 2?\n"}, {"role": "assistant", "content": "4 \n\n"}]
+    text = tok.render_chat(messages)
+    assert tok.encode_chat(messages) == hf_tok.encode(text, add_special_tokens=False).ids
+    # content that opens with whitespace is where the two part (see Tokenizer.chat_turns)
+    lead = [{"role": "user", "content": " 2"}]
+    assert tok.encode_chat(lead) != hf_tok.encode(tok.render_chat(lead), add_special_tokens=False).ids
 
 
 @settings(max_examples=300, deadline=None)

@@ -80,6 +80,32 @@ def test_loads_genuine_hf_llama_and_gpt2_names(tmp_path):
     assert same_logits(gpt2, weights.load_hf(str(d)))
 
 
+def test_matches_transformers(tmp_path):
+    """The reference implementation: HF's own tiny Llama (GQA) and GPT-2 load with its
+    logits, and our exports load back into transformers."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=1000.0, tie_word_embeddings=False))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4))
+    idx = torch.randint(0, 97, (2, 11))
+    for name, hf in (("llama", llama), ("gpt2", gpt2)):
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.ndim == 1:   # norms start at 1 and biases at 0: randomize so a swap shows
+                    p.uniform_(0.5, 1.5)
+        hf.eval().save_pretrained(tmp_path / name)
+        ours = weights.load_hf(str(tmp_path / name))
+        weights.save_hf(ours, tmp_path / f"{name}-export")
+        back = type(hf).from_pretrained(tmp_path / f"{name}-export").eval()
+        with torch.no_grad():
+            want = hf(idx).logits
+            assert torch.allclose(ours(idx)[0], want, atol=1e-5), name
+            assert torch.equal(back(idx).logits, want), name
+
+
 def write_gguf(model, path, quant=None):
     """A tiny llama.cpp-style GGUF: q/k rows permuted as llama.cpp's converter does."""
     import gguf
@@ -160,10 +186,28 @@ def test_bad_files_give_one_line_errors(tmp_path):
     cfg["intermediate_size"] = 50
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     one_line_error(weights.from_pretrained, str(tmp_path), match="has shape")
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    one_line_error(weights.from_pretrained, str(tmp_path), match="llama3")
+    del cfg["rope_scaling"], cfg["num_attention_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    one_line_error(weights.from_pretrained, str(tmp_path), match="num_attention_heads")
+    cfg["num_attention_heads"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     one_line_error(weights.from_pretrained, str(tmp_path), match="model.safetensors")
     (tmp_path / "ck.pt").write_bytes(b"not a checkpoint")
     one_line_error(weights.from_pretrained, str(tmp_path / "ck.pt"), match="ck.pt")
+
+
+def test_unsupported_quant_type_is_named(tmp_path, monkeypatch):
+    import gguf
+    q8_1 = gguf.GGMLQuantizationType.Q8_1   # gguf can neither quantize nor dequantize it
+    block, size = gguf.GGML_QUANT_SIZES[q8_1]
+    monkeypatch.setattr(gguf.quants, "quantize",
+                        lambda t, q: np.zeros((t.shape[0], t.shape[1] // block * size), np.uint8))
+    write_gguf(tiny_model(intermediate_size=64, n_embd=64), tmp_path / "q.gguf", q8_1)
+    one_line_error(weights.load_gguf, str(tmp_path / "q.gguf"), match="Q8_1")
 
 
 @pytest.mark.slow
