@@ -1,175 +1,235 @@
 """
-LESA: Learnable LLM Layer Scaling-Up (arXiv 2502.13794), and a test of its claim.
+LESA: Learnable LLM Layer Scaling-Up (arXiv 2502.13794), and a test of its claim on SmolLM2.
 
-    python lesa.py --holdout 10,15,20      # SmolLM2: predict held-out layers from their neighbours
+    python lesa.py --holdout 13,14,15,16     # predict held-out layers from their neighbours
+    python lesa.py --epochs 3                # quicker predictors (the paper trains 10 epochs)
 
-1. Per weight type, concatenate the L matrices along the input dimension and take
-   one SVD: W_cat = [W_1 | ... | W_L] = U S V^T, so W_l = U S V_l (section 3.1).
-2. Train one small MLP per type to map [V_{l-1}, V_{l+1}] to V_l, row by row (3.2).
-3. A new layer between l and l+1 gets W = U S f([V_l, V_{l+1}]) and l's norms (3.3).
-The official notebooks copy layer 0's norms into every new layer; we copy the
-neighbour's, as the paper's text intends.
+The method in four steps:
+1. one SVD per weight type across all layers: [W_1 | ... | W_L] = U S V^T, so W_l = U S V_l
+2. training pairs [V_{l-1}, V_{l+1}] -> V_l for l = 1 .. L-2, each row of V_l one sample
+3. one small MLP per type learns them, with an MSE plus row-norm loss
+4. a new layer between l and l+1 gets W = U S f([V_l, V_{l+1}]) and layer l's norms (the official
+   notebook gives every new layer layer 0's norms, whose scale belongs to the bottom of the model)
+
+Notable features
+- the claim test keeps held-out layers out of the SVD and out of every training pair
+- cost on SmolLM2-135M, 2-core CPU shared with another job, one thread: factors 9 s, predictors
+  65 s for 10 epochs over all seven types; the claim test's 13 loss evaluations take ~7 minutes more
 """
 import argparse
+import copy
 import json
 import os
+import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 import dlo
 
-KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+KINDS = ATTN + ("gate_proj", "up_proj", "down_proj")
 
 
 def weight(layer, kind):
-    return layer.get_submodule(kind).weight
+    """The (out, in) weight of one of a block's seven linears, by its short name."""
+    return getattr(layer.self_attn if kind in ATTN else layer.mlp, kind).weight
 
 
 @torch.no_grad()
-def svd_factors(model, kinds=KINDS):
-    """{kind: (U, S, [V_1 .. V_L])} with W_l = U @ diag(S) @ V_l, computed in fp32."""
+def svd_factors(model, kinds=KINDS, exclude=()):
+    """{kind: (U, S, [V_0 .. V_{L-1}])} in fp32, with W_l = U diag(S) V_l and V_l (r, d_in).
+    U and S are those of the SVD of [W_1 | ... | W_L] over the layers not in `exclude`, taken
+    from its Gram matrix sum_l W_l W_l^T = U S^2 U^T in float64 (seconds, where the full SVD
+    takes minutes on a CPU). Each V_l = S^-1 U^T W_l is then exactly layer l's slice of V^T;
+    U is square whenever L d_in >= d_out (every Llama weight), so an excluded layer is still
+    represented exactly, without having shaped U or S."""
     factors = {}
     for kind in kinds:
-        mats = [weight(layer, kind).detach().float().cpu() for layer in model.layers]   # (out, in) each
-        U, S, Vh = torch.linalg.svd(torch.cat(mats, dim=1), full_matrices=False)
-        factors[kind] = (U, S, list(Vh.split(mats[0].shape[1], dim=1)))
+        mats = [weight(layer, kind).detach().cpu().double() for layer in model.layers]   # (out, in) each
+        gram = sum(w @ w.T for l, w in enumerate(mats) if l not in exclude)          # (out, out)
+        eig, U = torch.linalg.eigh(gram)                                              # ascending
+        S, U = eig.flip(0).clamp_min(0).sqrt(), U.flip(1)                             # (out,), (out, out)
+        r = int((S > S[0] * 1e-7).sum())   # rank: below it, S^-1 would only amplify rounding
+        S, U = S[:r], U[:, :r]
+        factors[kind] = (U.float(), S.float(), [(U.T @ w / S[:, None]).float() for w in mats])
     return factors
 
 
 def predictor(d_in, hidden=256):
-    """The paper's network: 2 d_in -> 256 -> 256 -> d_in with ReLU."""
+    """The paper's network f: 2 d_in -> 256 -> 256 -> d_in with ReLU (step 3)."""
     return nn.Sequential(nn.Linear(2 * d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, d_in))
 
 
 def training_pairs(V, holdout=()):
-    """Rows of [V_{l-1}, V_{l+1}] -> V_l for l = 1 .. L-2. A pair is left out when its
-    target or either input is a held-out layer, so nothing about it leaks in."""
+    """x = rows of [V_{l-1}, V_{l+1}], y = rows of V_l, for l = 1 .. L-2 (step 2). A pair is
+    dropped when its target or either input is held out: as an input a held-out layer would
+    still teach the net its coordinates, and the held-out test must see none of them."""
     held = set(holdout)
     layers = [l for l in range(1, len(V) - 1) if not {l - 1, l, l + 1} & held]
-    x = torch.cat([torch.cat([V[l - 1], V[l + 1]], dim=1) for l in layers])
-    y = torch.cat([V[l] for l in layers])
+    x = torch.cat([torch.cat([V[l - 1], V[l + 1]], dim=1) for l in layers])   # (r n, 2 d_in)
+    y = torch.cat([V[l] for l in layers])                                      # (r n, d_in)
     return x, y, layers
 
 
 def lesa_loss(pred, target, alpha=5e-4):
-    """(1 - a) MSE + a (||Y_hat|| - ||Y||)^2, the norm term per row (section 3.2)."""
+    """(1 - a) MSE + a (||Y_hat|| - ||Y||)^2 (step 3), the norms taken per row as each row is
+    one sample; the official notebook takes one norm over the whole batch instead."""
     mse = (pred - target).pow(2).mean()
     return (1 - alpha) * mse + alpha * (pred.norm(dim=1) - target.norm(dim=1)).pow(2).mean()
 
 
 def train_predictors(factors, epochs=10, batch_size=64, lr=1e-3, alpha=5e-4, holdout=(), seed=0):
-    """One predictor per weight type, AdamW, the paper's defaults. Returns {kind: net}."""
-    nets = {}
+    """One predictor per weight type; AdamW and the paper's settings as defaults. {kind: net}."""
+    predictors = {}
     for kind, (_, _, V) in factors.items():
         torch.manual_seed(seed)
         x, y, _ = training_pairs(V, holdout)
-        net = predictor(V[0].shape[1])
+        net = predictor(y.shape[1])
         opt = torch.optim.AdamW(net.parameters(), lr=lr)
         bar = tqdm(range(epochs), desc=f"LESA {kind}", leave=False)
         for _ in bar:
+            total = torch.zeros(())
             for i in torch.randperm(len(x)).split(batch_size):
                 loss = lesa_loss(net(x[i]), y[i], alpha)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            bar.set_postfix(loss=f"{loss.detach().item():.2e}")
-        nets[kind] = net.eval()
-    return nets
+                total += loss.detach() * len(i)
+            bar.set_postfix(loss=f"{float(total) / len(x):.3e}")
+        predictors[kind] = net.eval()
+    return predictors
 
 
 @torch.no_grad()
-def predict_weights(factors, nets, below, above):
-    """{kind: W_hat} for a layer between layers `below` and `above` (W = U S f([V_b, V_a]))."""
+def predict_layer(factors, predictors, l, above=None):
+    """{kind: W_hat} for a new layer between layers l and `above` (default l + 1):
+    V_hat = f([V_l, V_above]), W_hat = U S V_hat (step 4)."""
+    above = l + 1 if above is None else above
     out = {}
     for kind, (U, S, V) in factors.items():
-        v_hat = nets[kind](torch.cat([V[below], V[above]], dim=1))
-        out[kind] = U @ torch.diag(S) @ v_hat
+        v_hat = predictors[kind](torch.cat([V[l], V[above]], dim=1))   # (r, d_in)
+        out[kind] = U @ (S[:, None] * v_hat)                             # (out, d_in)
     return out
 
 
-def default_positions(n_layer, n_new):
-    """n_new insertion points spread evenly over the upper half (the paper inserts in the
-    upper half: Llama-3-8B 32 -> 48 after layers 15..30); each needs a layer above it."""
-    top = n_layer - 2
-    positions = sorted(set(np.linspace(n_layer // 2, top, n_new).round().astype(int).tolist()))
-    if len(positions) < n_new:
-        raise dlo.ExpansionError(f"the upper half of {n_layer} layers has room for {len(positions)} LESA layers")
-    return positions
+def default_positions(n_layer, n_new=None):
+    """Insert before layers of the upper half: after n_new of the layers n_layer/2 - 1 .. n_layer - 2,
+    evenly spaced, both ends included. With n_new None, after all of them: the paper's
+    Llama-3-8B 32 -> 48 (after layers 15..30); for SmolLM2, 30 -> 45 (after 14..28)."""
+    slots = list(range(n_layer // 2 - 1, n_layer - 1))
+    n_new = len(slots) if n_new is None else n_new
+    if not 0 < n_new <= len(slots):
+        raise dlo.ExpansionError(f"the upper half of {n_layer} layers has room for 1 .. {len(slots)} "
+                                 f"LESA layers, not {n_new}")
+    step = (len(slots) - 1) / max(n_new - 1, 1)
+    return [slots[int(i * step + 0.5)] for i in range(n_new)]   # half-up rounding keeps them distinct
 
 
-def expand_lesa(model, after, factors=None, nets=None, **train_kw):
-    """A deeper model with a LESA-predicted layer after each original layer in `after`."""
+def expand_lesa(model, after=None, factors=None, predictors=None, **train_kw):
+    """A deeper model with a LESA layer after each original layer in `after` (default:
+    default_positions). Each new layer is planned as a copy of layer l, which brings l's
+    norms, and its seven linears are then overwritten with the prediction between l and l + 1.
+    Factors and predictors are computed (train_kw go to train_predictors) when not given."""
     L = model.config.n_layer
+    if model.config.arch != "llama":
+        raise dlo.ExpansionError("LESA predicts the seven linears of a Llama block; this model is "
+                                 f"{model.config.arch}")
+    after = default_positions(L) if after is None else list(after)
     bad = [l for l in after if not 0 <= l < L - 1]
     if bad:
         raise dlo.ExpansionError(f"LESA inserts between two layers: positions {bad} must be in 0 .. {L - 2}")
-    factors = factors or svd_factors(model)
-    nets = nets or train_predictors(factors, **train_kw)
-    plan = dlo.index_plan(L, list(after), "copy")   # copies bring the neighbour's norms
+    factors = svd_factors(model) if factors is None else factors
+    predictors = train_predictors(factors, **train_kw) if predictors is None else predictors
+    plan = dlo.index_plan(L, after, "copy")
     new = dlo.rebuild(model, plan)
     with torch.no_grad():
-        for j, (src, init) in enumerate(plan):
+        for j, (l, init) in enumerate(plan):
             if init is not None:
-                for kind, w in predict_weights(factors, nets, src, src + 1).items():
+                for kind, w in predict_layer(factors, predictors, l).items():
                     weight(new.layers[j], kind).copy_(w)
     return new
 
 
+# ---- the claim, tested on SmolLM2: can a layer be predicted from its two neighbours? ----
+
+def with_layer(model, l, linears):
+    """A copy of the model whose layer l holds `linears` ({kind: W}) in its seven linears."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for kind, w in linears.items():
+            weight(m.layers[l], kind).copy_(w)
+    return m
+
+
+def rel_errors(guess, truth):
+    """||W_hat - W|| / ||W|| per kind, and over the seven matrices together."""
+    per_kind = {k: float((guess[k] - truth[k]).norm() / truth[k].norm()) for k in truth}
+    err = sum(float((guess[k] - truth[k]).pow(2).sum()) for k in truth)
+    return per_kind, (err / sum(float(truth[k].pow(2).sum()) for k in truth)) ** 0.5
+
+
 def main():
-    p = argparse.ArgumentParser(description="Test LESA's claim on SmolLM2: predict held-out layers.")
-    p.add_argument("--holdout", default="10,15,20", help="middle layers kept out of training")
+    p = argparse.ArgumentParser(description="Test LESA's claim on SmolLM2: hold middle layers out of the "
+                                            "SVD and the predictor, then predict each from its neighbours.")
+    p.add_argument("--holdout", default="13,14,15,16", help="layers kept out of training, comma-separated")
     p.add_argument("--epochs", type=int, default=10, help="predictor epochs (paper: 10)")
-    p.add_argument("--eval_rows", type=int, default=16, help="ShareGPT held-out rows for the loss")
-    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="data/sharegpt", help="prepared data (python data.py sharegpt)")
+    p.add_argument("--eval_rows", type=int, default=32, help="validation rows for the held-out loss")
+    p.add_argument("--seq_len", type=int, default=256, help="tokens per validation row")
     p.add_argument("--out", default="out/lesa_claim.json")
     args = p.parse_args()
     import weights
-    from data import TokenData, prepare_sharegpt
-    from tokenizer import load_tokenizer
-    holdout = [int(s) for s in args.holdout.split(",")]
+    from data import DataError, TokenData
     model = weights.from_pretrained("smollm2")
-    if not os.path.exists("data/sharegpt/meta.json"):
-        prepare_sharegpt("data/sharegpt", load_tokenizer("smollm2"))
-    val = TokenData("data/sharegpt", "val", args.seq_len)
+    holdout = [int(s) for s in args.holdout.split(",")]
+    if not all(1 <= l <= model.config.n_layer - 2 for l in holdout):
+        p.error(f"held-out layers need a neighbour on each side: use 1 .. {model.config.n_layer - 2}")
+    try:
+        val = TokenData(args.data, "val", args.seq_len)
+    except DataError as e:
+        raise SystemExit(f"lesa.py: {e}")
     x, y, valid = val.batch(val.val_rows(args.eval_rows))
 
     @torch.no_grad()
     def loss_of(m):
         return float(m(x, y, valid=valid)[1])
 
-    factors = svd_factors(model)
-    nets = train_predictors(factors, epochs=args.epochs, holdout=holdout)
-    rows, reference = [], loss_of(model)
+    t0 = time.time()
+    factors = svd_factors(model, exclude=holdout)
+    t1 = time.time()
+    predictors = train_predictors(factors, epochs=args.epochs, holdout=holdout, seed=args.seed)
+    timing = {"svd_s": round(t1 - t0, 1), "train_s": round(time.time() - t1, 1)}
+    reference, rows = loss_of(model), []
     for l in holdout:
         truth = {k: weight(model.layers[l], k).detach() for k in KINDS}
-        guesses = {"lesa": predict_weights(factors, nets, l - 1, l + 1),
+        guesses = {"lesa": predict_layer(factors, predictors, l - 1, l + 1),
                    "mean": {k: (weight(model.layers[l - 1], k) + weight(model.layers[l + 1], k)).detach() / 2
                             for k in KINDS}}
         row = {"layer": l, "loss_original": reference, "loss_removed": loss_of(dlo.drop_layers(model, [l]))}
         for name, guess in guesses.items():
-            # relative error over all seven matrices together, and per kind
-            err = sum(float((guess[k] - truth[k]).pow(2).sum()) for k in KINDS)
-            row[f"rel_err_{name}"] = (err / sum(float(truth[k].pow(2).sum()) for k in KINDS)) ** 0.5
-            row[f"per_kind_{name}"] = {k: float((guess[k] - truth[k]).norm() / truth[k].norm()) for k in KINDS}
-            replaced = dlo.rebuild(model, [(i, None) for i in range(model.config.n_layer)])
-            with torch.no_grad():
-                for k in KINDS:
-                    weight(replaced.layers[l], k).copy_(guess[k])
-            row[f"loss_{name}"] = loss_of(replaced)
+            row[f"per_kind_{name}"], row[f"rel_err_{name}"] = rel_errors(guess, truth)
+            row[f"loss_{name}"] = loss_of(with_layer(model, l, guess))
         rows.append(row)
-    print("| layer | rel. error LESA | rel. error neighbour mean | loss: LESA | loss: mean | loss: original "
-          "| loss: layer removed |\n|---|---|---|---|---|---|---|")
+
+    print(f"\nSVD {timing['svd_s']} s, predictors {timing['train_s']} s ({args.epochs} epochs); "
+          f"loss on {len(x)} rows of {args.data} val\n")
+    print("| held-out layer | rel. error: LESA | rel. error: neighbour mean | loss: LESA | loss: neighbour mean "
+          "| loss: original | loss: layer removed |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layer']} | {r['rel_err_lesa']:.3f} | {r['rel_err_mean']:.3f} | {r['loss_lesa']:.4f} "
               f"| {r['loss_mean']:.4f} | {r['loss_original']:.4f} | {r['loss_removed']:.4f} |")
+    print("\nRelative weight error per kind, LESA / neighbour mean:\n\n| layer | " + " | ".join(KINDS) + " |\n|"
+          + "---|" * (len(KINDS) + 1))
+    for r in rows:
+        print(f"| {r['layer']} | " + " | ".join(f"{r['per_kind_lesa'][k]:.3f} / {r['per_kind_mean'][k]:.3f}"
+                                                for k in KINDS) + " |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
+        json.dump({"settings": vars(args), "timing": timing, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
