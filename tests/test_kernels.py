@@ -1,13 +1,19 @@
 """Triton kernels (run by the interpreter, fp32) against their PyTorch references."""
-import pytest
-import torch
+import os
 
-import kernels
-from model import RMSNorm
+os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from model import RMSNorm  # noqa: E402
 
 pytest.importorskip("triton")
 if not kernels.INTERPRET:
-    pytest.skip("set TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+N, C, EPS = 37, 50, 1e-5   # odd sizes: BLOCK_C = 64 masks 14 columns
 
 
 @pytest.fixture(autouse=True)
@@ -17,83 +23,146 @@ def force_triton():
     kernels.FORCE_TRITON = False
 
 
-def inputs(seed=0, N=37, C=50):
+def inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     x, h = torch.randn(N, C, generator=g), torch.randn(N, C, generator=g) * 3
-    w, nw = torch.randn(C, generator=g) / C ** 0.5, torch.rand(C, generator=g) + 0.5
-    valid = torch.rand(N, generator=g) > 0.2
+    w, nw = torch.randn(1, C, generator=g) / C ** 0.5, torch.rand(C, generator=g) + 0.5
+    valid = torch.rand(N, generator=g) > 0.25   # padding scattered through the rows
     return x, h, w, nw, valid
 
 
-@pytest.mark.parametrize("rule", [dict(threshold=0.5), dict(threshold=0.0), dict(threshold=1.01),
-                                  dict(k=9), dict(k=0), dict(k=37)])
-def test_route_gather_equals_reference(rule):
-    x, h, w, nw, valid = inputs()
-    p, idx, rows = kernels.route_gather_triton(x, h, w, nw, 1e-5, valid=valid, **rule)
-    p_ref, idx_ref, rows_ref = kernels.route_gather_reference(x, h, w, nw, 1e-5, valid=valid, **rule)
-    assert torch.allclose(p, p_ref, atol=1e-6)
-    assert torch.equal(idx, idx_ref) and bool((idx[1:] > idx[:-1]).all())     # ascending
-    assert not (~valid[idx]).any()                                          # padding never selected
-    assert torch.allclose(rows, rows_ref, atol=1e-5)
-    norm = RMSNorm(50, 1e-5)
-    norm.weight.data.copy_(nw)
+def block_norm(h, nw):
+    norm = RMSNorm(C, EPS)
     with torch.no_grad():
-        assert torch.allclose(rows, norm(h[idx]), atol=1e-5)                # exactly the block's norm
-    if rule.get("threshold") == 0.0:
-        assert torch.equal(idx, valid.nonzero().squeeze(1))                 # all selected
-    if rule.get("threshold") == 1.01 or rule.get("k") == 0:
-        assert idx.numel() == 0 and rows.shape == (0, 50)                   # none selected
+        norm.weight.copy_(nw)
+        return norm(h)
 
 
-def test_topk_keeps_ties():
+def check_route_gather(x, h, w, nw, valid, **rule):
+    p, idx, rows = kernels.route_gather_triton(x, h, w, nw, EPS, valid=valid, **rule)
+    p_ref, idx_ref, rows_ref = kernels.route_gather_reference(x, h, w, nw, EPS, valid=valid, **rule)
+    assert p.dtype == torch.float32 and idx.dtype == torch.int64
+    assert torch.allclose(p, p_ref, atol=1e-6)
+    assert torch.equal(idx, idx_ref)                          # same tokens, same order
+    assert bool((idx[1:] > idx[:-1]).all())                   # ascending token order
+    if valid is not None:
+        assert bool(valid[idx].all())                         # padding never selected
+    assert rows.shape == (idx.numel(), C)
+    assert torch.allclose(rows, rows_ref, atol=1e-5)
+    assert torch.allclose(rows, block_norm(h[idx], nw), atol=1e-5)   # exactly the block's RMSNorm
+    return p, idx
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("rule, expect", [
+    (dict(threshold=0.5), "some"), (dict(threshold=0.0), "all"), (dict(threshold=1.01), "none"),
+    (dict(k=9), "some"), (dict(k=N), "all"), (dict(k=0), "none")])
+def test_route_gather_equals_reference(padded, rule, expect):
     x, h, w, nw, valid = inputs()
-    x[:10] = x[0]                                                           # ten equal scores
-    valid[:10] = True
-    p, idx, _ = kernels.route_gather_triton(x, h, w, nw, 1e-5, k=3, valid=valid)
-    if p[0] >= p[valid].topk(3).values[-1]:
-        assert set(range(10)) <= set(idx.tolist())
+    valid = valid if padded else None
+    p, idx = check_route_gather(x, h, w, nw, valid, **rule)
+    everyone = valid.nonzero().squeeze(1) if padded else torch.arange(N)
+    if expect == "all":
+        assert torch.equal(idx, everyone)
+    elif expect == "none":
+        assert idx.numel() == 0
+    else:
+        assert 0 < idx.numel() < everyone.numel()
+        if "k" in rule:
+            assert idx.numel() == rule["k"]                   # no ties among random scores
 
 
-@pytest.mark.parametrize("selected", [0, 1, 20, 37])
+def test_route_gather_topk_keeps_ties():
+    x, h, w, nw, valid = inputs(1)
+    x[3:13] = 4 * w                                           # ten equal scores, the highest of all
+    valid[3:13] = True
+    valid[20] = False
+    x[20] = 8 * w                                             # a higher score, but padding
+    p, idx = check_route_gather(x, h, w, nw, valid, k=4)
+    assert torch.equal(idx, torch.arange(3, 13))              # all ten tied tokens run, padding doesn't
+
+
+def test_zero_router_runs_every_token():
+    """At zero init p = 0.5 exactly, and p >= 0.5 keeps a freshly routed model dense."""
+    x, h, _, nw, valid = inputs(2)
+    p, idx = check_route_gather(x, h, torch.zeros(1, C), nw, valid, threshold=0.5)
+    assert bool((p == 0.5).all()) and torch.equal(idx, valid.nonzero().squeeze(1))
+
+
+def test_route_gather_block_routing_gathers_x_itself():
+    x, _, w, nw, valid = inputs(3)
+    check_route_gather(x, x, w, nw, valid, threshold=0.5)
+
+
+@pytest.mark.parametrize("selected", [0, 1, 20, N])
 def test_scale_scatter_equals_reference(selected):
     g = torch.Generator().manual_seed(selected)
-    base = torch.randn(37, 50, generator=g)
-    idx = torch.randperm(37, generator=g)[:selected].sort().values
-    y, gate = torch.randn(selected, 50, generator=g), torch.rand(37, generator=g) + 0.5
+    base = torch.randn(N, C, generator=g)
+    idx = torch.randperm(N, generator=g)[:selected].sort().values
+    y = torch.randn(selected, C, generator=g)
+    gate = 1 + 0.05 * (torch.rand(N, generator=g) - 0.5)   # DLO's g(p)
+    before = base.clone()
+    ref = kernels.scale_scatter_reference(base, idx, y, gate)
     out = kernels.scale_scatter_triton(base, idx, y, gate)
-    assert torch.allclose(out, kernels.scale_scatter_reference(base, idx, y, gate), atol=1e-6)
-    assert not torch.equal(out, base) or selected == 0                      # base itself is untouched
+    assert torch.equal(out, ref)                              # the same two roundings per element
+    assert torch.equal(base, before)                          # out of place by default
+    skipped = torch.ones(N, dtype=torch.bool)
+    skipped[idx] = False
+    assert torch.equal(out[skipped], base[skipped])
+    inplace = kernels.scale_scatter_triton(base, idx, y, gate, inplace=True)
+    assert inplace.data_ptr() == base.data_ptr() and torch.equal(base, ref)
 
 
-def test_dispatch_falls_back_under_autograd_and_without_force():
-    x, h, w, nw, _ = inputs()
+def test_dispatch():
+    x, h, w, nw, valid = inputs()
     assert kernels.use_triton(x, h, w, nw)
-    assert not kernels.use_triton(x, h, w.requires_grad_(), nw)             # training: references
+    assert not kernels.use_triton(x.bfloat16(), h.bfloat16())  # the interpreter has no bf16
     kernels.FORCE_TRITON = False
-    assert not kernels.use_triton(x, h, nw)                                 # CPU: references
+    assert not kernels.use_triton(x, h, w, nw)                 # CPU without the flag: references
+    kernels.FORCE_TRITON = True
+    w.requires_grad_()
+    assert not kernels.use_triton(x, h, w, nw)                 # autograd: references
+    with torch.no_grad():
+        assert kernels.use_triton(x, h, w, nw)
+
+
+def test_autograd_takes_the_reference_and_gets_gradients():
+    x, h, w, nw, valid = inputs()
+    w.requires_grad_()
+    p, idx, rows = kernels.route_gather(x, h, w, nw, EPS, threshold=0.5, valid=valid)
+    out = kernels.scale_scatter(h, idx, rows, 1 + 0.05 * (p - 0.5))
+    out.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_bf16_under_the_interpreter_falls_back_to_the_reference():
+    x, h, w, nw, valid = (t.bfloat16() if t.is_floating_point() else t for t in inputs())
+    p, idx, rows = kernels.route_gather(x, h, w, nw, EPS, threshold=0.5, valid=valid)
+    p_ref, idx_ref, rows_ref = kernels.route_gather_reference(x, h, w, nw, EPS, threshold=0.5, valid=valid)
+    assert torch.equal(idx, idx_ref) and torch.equal(rows, rows_ref)
 
 
 def test_routed_model_same_logits_with_kernels_and_references(monkeypatch):
+    """End to end: a DLO-routed tiny model through the fused path equals the unfused one."""
     import dlo
     from conftest import tiny_model
     from router import Rule
-    model = dlo.activate(tiny_model(n_embd=48, n_head=4, n_kv_head=2), "mlp")
+    model = dlo.activate(tiny_model(n_embd=48), "mlp")
     with torch.no_grad():
         for layer in model.layers:
             layer.router.weight.normal_(0, 0.5)
-    idx = torch.randint(0, 97, (3, 13))
+    idx = torch.randint(0, 97, (3, 13), generator=torch.Generator().manual_seed(0))
     valid = torch.ones(3, 13, dtype=torch.bool)
     valid[0, 9:] = False
-    rule = Rule("threshold", 0.5)
     calls = []
     launch = kernels.route_gather_triton
-    monkeypatch.setattr(kernels, "route_gather_triton", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    monkeypatch.setattr(kernels, "route_gather_triton", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
     with torch.no_grad():
-        fused, _ = model(idx, valid=valid, rule=rule)
-        assert len(calls) == 4                                              # every routed layer fused
+        fused, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5))
         fused_sel = [t["sel"] for t in model.route_trace]
         kernels.FORCE_TRITON = False
-        ref, _ = model(idx, valid=valid, rule=rule)
+        ref, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5))
+    assert len(calls) == len(model.route_trace) > 0          # every routed layer took the kernels
     assert all(torch.equal(a, t["sel"]) for a, t in zip(fused_sel, model.route_trace))
-    assert 0 < sum(int(s.sum()) for s in fused_sel) < 4 * int(valid.sum())
+    assert 0 < sum(int(s.sum()) for s in fused_sel) < len(fused_sel) * int(valid.sum())
     assert (fused[valid] - ref[valid]).abs().max() < 1e-5
