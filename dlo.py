@@ -173,12 +173,39 @@ def freeze(model, layers):
     return model
 
 
-def activate(model, route="mlp", layers=(), **route_options):
+ROUTED = ("all", "new", "every-other")
+
+
+def routed_layers(config, which="all", dense_first=0, dense_last=0):
+    """Indices of the layers that get a router. which: "all"; "new", only the layers the
+    expansion inserted (DLO's official code with original_dlo_frequency=0); "every-other"
+    (Mixture-of-Depths); or a list of indices. dense_first / dense_last keep that many
+    layers at each end dense, as DLO's official `original_dlo_shrink_num` and D-LLM's
+    `dynamic_start_layer` do: the early layers write the attention sink (arXiv 2402.17762)."""
+    L = config.n_layer
+    if isinstance(which, str):
+        if which not in ROUTED:
+            raise ExpansionError(f"unknown routed set {which!r}: use {', '.join(ROUTED)} or a list of layers")
+        which = {"all": range(L), "new": config.new_layers, "every-other": range(1, L, 2)}[which]
+    bad = [i for i in which if not 0 <= i < L]
+    if bad:
+        raise ExpansionError(f"routed layers {bad} out of range for {L} layers")
+    layers = tuple(i for i in sorted(set(which)) if dense_first <= i < L - dense_last)
+    if not layers:
+        raise ExpansionError(f"no layer left to route ({L} layers, first {dense_first} and last {dense_last} dense)")
+    return layers
+
+
+def activate(model, route="mlp", layers=(), sink_tokens=0, **route_options):
     """Return a copy of the model with routers on `layers` (() = every layer), e.g.
     activate(m, "mlp") for DLO, activate(m, "block", layers=range(1, L - 1), kv_policy="drop")
-    for MoDification. Existing weights are kept; routers start at zero (p = 0.5)."""
+    for MoDification. Existing weights are kept; routers start at zero (p = 0.5).
+    sink_tokens: the first positions of every row always run (router.routable_tokens)."""
+    if sink_tokens < 0:
+        raise ExpansionError(f"sink_tokens must be >= 0, got {sink_tokens}")
     plan = [(i, None) for i in range(model.config.n_layer)]
-    return rebuild(model, plan, route=route, routed_layers=tuple(layers), **route_options)
+    return rebuild(model, plan, route=route, routed_layers=tuple(layers), route_sink_tokens=sink_tokens,
+                   **route_options)
 
 
 def drop_layers(model, layers):

@@ -2,22 +2,28 @@
 Fused Triton kernels for a routed layer's skip path, with the PyTorch references that
 are the source of truth (and the path on CPU, under autograd, and without Triton).
 
-1. route + gather: for N tokens of width C, the router score p = sigmoid(x . w), the
-   decision (p >= threshold, or the top-k of p with ties kept), the ascending list idx
-   of the M selected tokens, and their rows of h RMS-normalised by the block's norm,
-   packed (M, C): exactly what the routed branch (the MLP) reads next.
+1. route + gather: for N tokens of width C, the router score p = sigmoid(x . w) with the
+   logit in fp32 (F.linear(x.float(), w.float()), as router.Router: nothing is rounded to
+   x's dtype), the decision (p >= threshold, or the top-k of p with ties kept), the
+   ascending list idx of the M selected tokens, and their rows of h RMS-normalised by the
+   block's norm, packed (M, C): exactly what the routed branch (the MLP) reads next.
 2. scale + scatter: base[idx] += g[idx] * y, the branch output added back, gated.
+3. route + MLP, for decode on CUDA: p, sel = (p >= threshold) & valid and
+   out = h + sel * g(p) * mlp(RMSNorm(h)) for the SwiGLU MLP, with the decision read on the
+   device. Route + gather must size its packed rows on the host, a sync in every routed
+   layer that stalls batch-1 decode; this path has none, so the CPU queues the next layers
+   ahead of the GPU and a decode step can be captured in a CUDA graph.
 
 Memory traffic, b = bytes per element of x and h (2 for bf16), fp32 temporaries 4 bytes,
 eager PyTorch launching one kernel per op (O(N) vectors listed apart):
 
   unfused route + gather                      read              write
-    x @ w, .float(), sigmoid                  NCb               O(N)
+    x.float(), @ w, sigmoid                   NC(b + 4)         4NC + O(N)
     p >= t, & valid, nonzero                  O(N)              O(N) + 8M
     h[idx]                                    MCb               MCb
     RMSNorm: .float, pow, mean, *rsqrt,       MC(2b + 16)       MC(2b + 12)
              .type_as, *weight
-    total  ~ NCb + MC(6b + 28) bytes, b < 4   (bf16: 2NC + 40MC)
+    total  ~ NC(b + 8) + MC(6b + 28) bytes, b < 4   (bf16: 10NC + 40MC)
   fused: kernel (a) reads x, writes p and the decision; kernel (b) reads the M selected
     rows of h, writes them normalised plus idx
     total  ~ NCb + 2MCb + O(N) bytes          (bf16: 2NC +  4MC)
@@ -27,13 +33,23 @@ eager PyTorch launching one kernel per op (O(N) vectors listed apart):
   fused: reads y and M rows of base, writes them: 3MCb, plus 2NCb for the copy unless
     inplace=True (the caller owns base, as Block.mlp_routed_fused's fresh residual does)
 
-Saved per routed layer: MC(4b + 28) bytes in route + gather (bf16: 36MC; fp32, where the
-.float/.type_as copies vanish: 28MC), 2MCb in scale + scatter, 2NCb more with inplace; and
-skipped tokens cost one read of their row of x and nothing more.
+Saved per routed layer: 8NC + MC(4b + 28) bytes in route + gather (bf16: 8NC + 36MC; fp32,
+where the .float/.type_as copies vanish: 28MC), 2MCb in scale + scatter, 2NCb more with
+inplace; and skipped tokens cost one read of their row of x and nothing more.
+
+  fused route + MLP, weights of I x C with b_w bytes each: a skipped row reads its row of
+    x and the router weight, C(b + 4), writes p and sel, and nothing more. A run row reads
+    each of the three weight matrices once, split over its program tiles (3ICb_w), its row
+    of h twice per tile of I (statistics, then values: 2Cb next to the tile's 2 x BLOCK_I x C
+    weights), writes and reads I fp32 activations, and reads and writes its row of out;
+    plus 2NCb for the copy of h unless inplace=True. Weights are not shared between rows:
+    right for decode's few rows, wrong for prefill, where route + gather and a dense MLP
+    on the packed (M, C) rows read them once.
 """
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -50,16 +66,19 @@ INTERPRETER_DTYPES = (torch.float32,)   # the interpreter runs on numpy, which h
 
 # ---------------------------------------------------------------- references
 
-def decide(p, valid, threshold=None, k=None):
+def decide(p, valid, threshold=None, k=None, always=None):
     """p >= threshold, or the top-k of p among valid tokens with ties at the k-th value kept
-    (k = 0 selects none). Padding (valid False) is never selected."""
+    (k = 0 selects none). Tokens not valid are never selected, except those in `always`
+    (the sink tokens: they always run and take no part in the count)."""
     valid = torch.ones_like(p, dtype=torch.bool) if valid is None else valid
     if k is None:
-        return (p >= threshold) & valid
-    if k <= 0 or p.numel() == 0:
-        return torch.zeros_like(valid)
-    kth = p.masked_fill(~valid, -1.0).topk(min(k, p.numel())).values[-1]   # p <= 1, so -1 never ties
-    return (p >= kth) & valid
+        sel = (p >= threshold) & valid
+    elif k <= 0 or p.numel() == 0:
+        sel = torch.zeros_like(valid)
+    else:
+        kth = p.masked_fill(~valid, -1.0).topk(min(k, p.numel())).values[-1]   # p <= 1, so -1 never ties
+        sel = (p >= kth) & valid
+    return sel if always is None else sel | always
 
 
 def rms_norm(h, weight, eps):
@@ -68,13 +87,19 @@ def rms_norm(h, weight, eps):
     return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype) * weight
 
 
-def route_gather_reference(x, h, router_weight, norm_weight, eps, threshold=None, k=None, valid=None):
-    """x, h (N, C); router_weight (C,) or (1, C); norm_weight (C,); valid (N,) bool or None.
+def router_probs(x, router_weight):
+    """p = sigmoid(x . w) (N,) fp32, the logit computed in fp32 as router.Router does."""
+    return torch.sigmoid(F.linear(x.float(), router_weight.reshape(1, -1).float()).squeeze(1))
+
+
+def route_gather_reference(x, h, router_weight, norm_weight, eps, threshold=None, k=None, valid=None,
+                           always=None):
+    """x, h (N, C); router_weight (C,) or (1, C); norm_weight (C,); valid, always (N,) bool or None.
     The router reads x (the block input); rows come from h (the post-attention residual for
     MLP routing, x itself for whole-block routing). Returns p (N,) fp32, idx (M,) int64
     ascending, rows (M, C) = RMSNorm(h[idx])."""
-    p = torch.sigmoid((x @ router_weight.reshape(-1).to(x.dtype)).float())   # as router.Router
-    idx = decide(p, valid, threshold, k).nonzero().squeeze(1)
+    p = router_probs(x, router_weight)
+    idx = decide(p, valid, threshold, k, always).nonzero().squeeze(1)
     return p, idx, rms_norm(h[idx], norm_weight, eps)
 
 
@@ -85,26 +110,46 @@ def scale_scatter_reference(base, idx, y, gate, inplace=False):
     return add(0, idx, y * gate[idx, None].to(y.dtype))
 
 
+def route_mlp_reference(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight,
+                        down_weight, gap, inplace=False, always=None):
+    """x, h (N, C); threshold a float or a 0-dim tensor; valid, always (N,) bool or None; gate/up (I, C)
+    and down (C, I) in nn.Linear layout. Returns out = h + sel * g(p) * mlp(RMSNorm(h)) with DLO's
+    gate g(p) = 1 + gap * (p - 0.5) (DLO, arXiv 2407.11030 eq. 3), p (N,) fp32 and sel (N,) bool.
+    Dense and masked: no host sync, at the price of running the MLP on every row."""
+    p = router_probs(x, router_weight)
+    sel = decide(p, valid, threshold=threshold, always=always)
+    n = rms_norm(h, norm_weight, eps)
+    y = F.linear(F.silu(F.linear(n, gate_weight)) * F.linear(n, up_weight), down_weight)
+    g = 1.0 + gap * (p - 0.5)
+    # where, not sel * y: a skipped row is exactly h even if its y overflowed
+    out = torch.where(sel[:, None], h + g[:, None].to(y.dtype) * y, h)
+    return (h.copy_(out) if inplace else out), p, sel
+
+
 # ---------------------------------------------------------------- kernels
 
 if HAS_TRITON:
     @triton.jit
-    def _route_kernel(x_ptr, w_ptr, valid_ptr, p_ptr, sel_ptr, threshold, C, stride_x,
-                      HAS_VALID: tl.constexpr, DECIDE: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _route_kernel(x_ptr, w_ptr, valid_ptr, always_ptr, p_ptr, sel_ptr, threshold, C, stride_x,
+                      HAS_VALID: tl.constexpr, HAS_ALWAYS: tl.constexpr, DECIDE: tl.constexpr,
+                      THRESHOLD_PTR: tl.constexpr, BLOCK_C: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)   # int64: row * stride_x can pass 2**31
         cols = tl.arange(0, BLOCK_C)
         mask = cols < C
-        # the only read of the token's row; w is rounded to x's dtype as F.linear sees it
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(x.dtype)
-        # fp32 accumulation, then the logit rounded to x's dtype: F.linear's output, .float()
-        logit = tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=0).to(x.dtype).to(tl.float32)
-        p = tl.sigmoid(logit)
+        # the only read of the token's row, upcast with w to fp32 as router.Router does
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        # the logit stays fp32: no rounding to x's dtype anywhere
+        p = tl.sigmoid(tl.sum(x * w, axis=0))
         tl.store(p_ptr + row, p)
         if DECIDE:   # threshold rule: per token, so decided here; top-k needs all of p first
+            if THRESHOLD_PTR:   # a threshold tensor is read here: float() of it would sync the host
+                threshold = tl.load(threshold)
             keep = p >= threshold
             if HAS_VALID:
                 keep = keep & (tl.load(valid_ptr + row) != 0)   # padding never runs
+            if HAS_ALWAYS:
+                keep = keep | (tl.load(always_ptr + row) != 0)  # sink tokens always run
             tl.store(sel_ptr + row, keep)
 
     @triton.jit
@@ -142,6 +187,65 @@ if HAS_TRITON:
         # idx has no repeats, so each row of base has one owner: no atomics needed
         tl.store(base_ptr + row * stride_b + cols, (b.to(tl.float32) + t).to(b.dtype), mask=mask)
 
+    @triton.jit
+    def _gate_up_kernel(h_ptr, nw_ptr, sel_ptr, wg_ptr, wu_ptr, act_ptr, C, I, stride_h, stride_g, stride_u,
+                        stride_a, eps, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        # a skipped token reads one byte and stops: no row of h, no weights
+        if tl.load(sel_ptr + row) == 0:
+            return
+        rows_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        mask_i = rows_i < I
+        # RMS statistics of the whole row, recomputed by each tile: C reads next to its 2 x BLOCK_I x C weights
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k in range(0, C, BLOCK_K):
+            cols = k + tl.arange(0, BLOCK_K)
+            hk = tl.load(h_ptr + row * stride_h + cols, mask=cols < C, other=0.0).to(tl.float32)
+            sq += hk * hk
+        inv = tl.rsqrt(tl.sum(sq, axis=0) / C + eps)
+        acc_g = tl.zeros([BLOCK_I], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_I], dtype=tl.float32)
+        for k in range(0, C, BLOCK_K):
+            cols = k + tl.arange(0, BLOCK_K)
+            mask_k = cols < C
+            hk = tl.load(h_ptr + row * stride_h + cols, mask=mask_k, other=0.0)
+            nw = tl.load(nw_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+            # normalise, round to h's dtype, scale and round to the MLP's input dtype, as model.RMSNorm
+            n = (hk.to(tl.float32) * inv).to(hk.dtype).to(tl.float32) * nw
+            n = n.to(wg_ptr.dtype.element_ty).to(tl.float32)
+            # this tile's rows of gate and up against the chunk, accumulated in fp32
+            mask_w = mask_i[:, None] & mask_k[None, :]
+            wg = tl.load(wg_ptr + rows_i[:, None] * stride_g + cols[None, :], mask=mask_w, other=0.0)
+            wu = tl.load(wu_ptr + rows_i[:, None] * stride_u + cols[None, :], mask=mask_w, other=0.0)
+            acc_g += tl.sum(wg.to(tl.float32) * n[None, :], axis=1)
+            acc_u += tl.sum(wu.to(tl.float32) * n[None, :], axis=1)
+        # SwiGLU in fp32, kept fp32 for the down kernel
+        tl.store(act_ptr + row * stride_a + rows_i, acc_g * tl.sigmoid(acc_g) * acc_u, mask=mask_i)
+
+    @triton.jit
+    def _down_kernel(act_ptr, wd_ptr, sel_ptr, p_ptr, out_ptr, C, I, stride_a, stride_d, stride_o, gap,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        # a skipped token stops here too: out already holds its row of h
+        if tl.load(sel_ptr + row) == 0:
+            return
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = cols < C
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k in range(0, I, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            mask_k = ks < I
+            # this tile's rows of down against a chunk of the activations, accumulated in fp32
+            a = tl.load(act_ptr + row * stride_a + ks, mask=mask_k, other=0.0)
+            wd = tl.load(wd_ptr + cols[:, None] * stride_d + ks[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                         other=0.0)
+            acc += tl.sum(wd.to(tl.float32) * a[None, :], axis=1)
+        # DLO's gate g(p) = 1 + gap * (p - 0.5) in fp32 (DLO, arXiv 2407.11030 eq. 3), one rounding at the end
+        g = 1.0 + gap * (tl.load(p_ptr + row) - 0.5)
+        o = tl.load(out_ptr + row * stride_o + cols, mask=mask_n, other=0.0)
+        # each (row, column tile) has one owner: no atomics needed
+        tl.store(out_ptr + row * stride_o + cols, (o.to(tl.float32) + g * acc).to(o.dtype), mask=mask_n)
+
 
 def _launch_settings(C):
     """One program holds a whole row: BLOCK_C = next power of two >= C; wider rows, more warps."""
@@ -153,7 +257,15 @@ def _unit_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def route_gather_triton(x, h, router_weight, norm_weight, eps, threshold=None, k=None, valid=None):
+def _threshold_arg(threshold, device):
+    """(value, is_pointer) for _route_kernel: a threshold tensor on the device is read there, since
+    float() of it would sync; a float or a CPU tensor (no device to wait for) goes by value."""
+    if torch.is_tensor(threshold) and threshold.device == device:
+        return threshold.reshape(()).float(), True
+    return float(threshold), False
+
+
+def route_gather_triton(x, h, router_weight, norm_weight, eps, threshold=None, k=None, valid=None, always=None):
     """route_gather_reference in two launches. Compacting in ascending token order needs
     each selected token's rank among the selected ones: kernel (a) writes p and the 0/1
     decision, torch.cumsum turns the decisions into slots (an exclusive prefix sum over N
@@ -171,11 +283,13 @@ def route_gather_triton(x, h, router_weight, norm_weight, eps, threshold=None, k
     if N == 0:
         return p, torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, C, dtype=rows_dtype, device=dev)
     block, warps = _launch_settings(C)
-    _route_kernel[(N,)](x, router_weight.reshape(-1).contiguous(), sel if valid is None else valid, p, sel,
+    _route_kernel[(N,)](x, router_weight.reshape(-1).contiguous(), sel if valid is None else valid,
+                        sel if always is None else always, p, sel,
                         0.0 if threshold is None else float(threshold), C, x.stride(0),
-                        HAS_VALID=valid is not None, DECIDE=k is None, BLOCK_C=block, num_warps=warps)
+                        HAS_VALID=valid is not None, HAS_ALWAYS=always is not None, DECIDE=k is None,
+                        THRESHOLD_PTR=False, BLOCK_C=block, num_warps=warps)
     if k is not None:
-        sel = decide(p, valid, k=k)
+        sel = decide(p, valid, k=k, always=always)
     ends = torch.cumsum(sel, 0)        # inclusive prefix sum, int64
     m = int(ends[-1])                  # the one host sync: (M, C) must be allocated (nonzero syncs too)
     idx = torch.empty(m, dtype=torch.int64, device=dev)
@@ -200,6 +314,45 @@ def scale_scatter_triton(base, idx, y, gate, inplace=False):
     return out
 
 
+MLP_BLOCK_ROWS, MLP_BLOCK_K = 32, 128   # weight tile of one program: rows x reduction chunk
+
+
+def route_mlp_triton(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight,
+                     down_weight, gap, inplace=False, always=None):
+    """route_mlp_reference in three launches: (a) p and sel; (b) per (row, tile of I) the SwiGLU
+    activations of RMSNorm(h[row]); (c) per (row, tile of C) out[row] += g(p) * (act . down).
+    The decision never leaves the device, so nothing here waits on the host: (b) and (c) read
+    sel and return at once for unselected rows. Works on a copy of h unless inplace=True (then
+    h must have unit stride along C)."""
+    if inplace and h.stride(-1) != 1:
+        raise ValueError("route_mlp(inplace=True) needs h with unit stride along C")
+    N, C = x.shape
+    I = gate_weight.size(0)
+    x = _unit_stride(x)
+    dev = x.device
+    # out holds h from here on, and the MLP reads its rows before (c) adds into them
+    out = h if inplace else h.clone(memory_format=torch.contiguous_format)
+    p = torch.empty(N, dtype=torch.float32, device=dev)
+    sel = torch.empty(N, dtype=torch.bool, device=dev)
+    if N == 0:
+        return out, p, sel
+    threshold, threshold_ptr = _threshold_arg(threshold, dev)
+    block, warps = _launch_settings(C)
+    _route_kernel[(N,)](x, router_weight.reshape(-1).contiguous(), sel if valid is None else valid,
+                        sel if always is None else always, p, sel, threshold, C, x.stride(0),
+                        HAS_VALID=valid is not None, HAS_ALWAYS=always is not None, DECIDE=True,
+                        THRESHOLD_PTR=threshold_ptr, BLOCK_C=block, num_warps=warps)
+    wg, wu, wd = _unit_stride(gate_weight), _unit_stride(up_weight), _unit_stride(down_weight)
+    act = torch.empty(N, I, dtype=torch.float32, device=dev)   # rows of skipped tokens stay unwritten
+    _gate_up_kernel[(N, triton.cdiv(I, MLP_BLOCK_ROWS))](
+        out, norm_weight.contiguous(), sel, wg, wu, act, C, I, out.stride(0), wg.stride(0), wu.stride(0),
+        act.stride(0), float(eps), BLOCK_I=MLP_BLOCK_ROWS, BLOCK_K=MLP_BLOCK_K)
+    _down_kernel[(N, triton.cdiv(C, MLP_BLOCK_ROWS))](
+        act, wd, sel, p, out, C, I, act.stride(0), wd.stride(0), out.stride(0), float(gap),
+        BLOCK_N=MLP_BLOCK_ROWS, BLOCK_K=MLP_BLOCK_K)
+    return out, p, sel
+
+
 # ---------------------------------------------------------------- dispatch
 
 def use_triton(*tensors):
@@ -217,13 +370,22 @@ def use_triton(*tensors):
             and all(t.device.type == "cpu" and t.dtype in INTERPRETER_DTYPES for t in tensors))
 
 
-def route_gather(x, h, router_weight, norm_weight, eps, threshold=None, k=None, valid=None):
+def route_gather(x, h, router_weight, norm_weight, eps, threshold=None, k=None, valid=None, always=None):
     fused = use_triton(x, h, router_weight, norm_weight)
     fn = route_gather_triton if fused else route_gather_reference
-    return fn(x, h, router_weight, norm_weight, eps, threshold, k, valid)
+    return fn(x, h, router_weight, norm_weight, eps, threshold, k, valid, always)
 
 
 def scale_scatter(base, idx, y, gate, inplace=False):
     # gate counts too: DLO's g(p) carries the router's gradient (DLO eq. 3)
     fn = scale_scatter_triton if use_triton(base, y, gate) else scale_scatter_reference
     return fn(base, idx, y, gate, inplace)
+
+
+def route_mlp(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight, down_weight,
+              gap, inplace=False, always=None):
+    # the MLP's weights count too: under autograd they need the reference's backward
+    fused = use_triton(x, h, router_weight, norm_weight, gate_weight, up_weight, down_weight)
+    fn = route_mlp_triton if fused else route_mlp_reference
+    return fn(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight, down_weight,
+              gap, inplace, always)

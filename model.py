@@ -9,7 +9,10 @@ Notable features
 - routed blocks (router.py): skip the MLP only ("mlp", DLO's default: attention
   always runs so the KV cache stays complete) or the whole block ("block"), with
   the KV policy "compute" (skipped tokens still write K/V) or "drop" (they write
-  none, and later tokens attend only to tokens that ran the layer; METHODS.md 4)
+  none, and later tokens attend only to tokens that ran the layer)
+- sink tokens: the first positions of each row run every routed layer
+- attention without a mask wherever a causal one is exact (SFT rows are right-padded),
+  so CUDA takes the flash kernel; the loss touches only positions with a target
 - a static, preallocated KV cache (gpt-fast style): the caller passes the cache
   slots `input_pos` and the RoPE `positions` explicitly, so a layer can skip a
   token without the cache ever losing its place
@@ -21,9 +24,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
-from router import Router, Rule, dlo_gate, layer_threshold, select, token_similarity
+from router import Router, Rule, Trace, dlo_gate, layer_threshold, routable_tokens, select, token_similarity
+
+# positions per lm_head call in the loss: at most LOSS_CHUNK x vocab fp32 logits alive
+# (805 MB for SmolLM2's 49,152 tokens)
+LOSS_CHUNK = 4096
 
 
 @dataclass
@@ -46,7 +54,9 @@ class GPTConfig:
     routed_layers: tuple = ()         # which layers carry a router; () = all of them
     route_gate: str = "dlo"           # "dlo": g(p) = 1 + gap (p - 0.5); "mod": the block output times p
     route_gap: float = 0.05
-    route_threshold: float = 0.5      # inference rule: run iff p >= threshold
+    route_threshold: object = 0.5     # inference rule: run iff p >= threshold; a float, or a
+                                      # tuple with one calibrated threshold per routed layer
+    route_sink_tokens: int = 0        # the first r positions of every row run every routed layer
     route_predictor: bool = False     # MoD's auxiliary causal predictor decides at inference
     kv_policy: str = "compute"        # whole-block skipping only: "compute" or "drop"
     frozen_layers: tuple = field(default=())  # LLaMA Pro: originals get no gradient
@@ -65,6 +75,10 @@ class GPTConfig:
         bad = [i for i in self.routed_layers + self.new_layers if not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(f"layer indices {bad} out of range for {self.n_layer} layers")
+        if isinstance(self.route_threshold, (list, tuple)):
+            self.route_threshold = tuple(float(t) for t in self.route_threshold)
+            if len(self.route_threshold) != len(self.routed_ids()):
+                raise ValueError(f"{len(self.route_threshold)} thresholds for {len(self.routed_ids())} routed layers")
 
     @property
     def head_dim(self):
@@ -121,10 +135,25 @@ class KVCache(nn.Module):
 
     def update(self, input_pos, k, v, write):  # input_pos (T,), k/v (B, nkv, T, hs), write (B, T)
         keep = write[:, None, :, None]
-        self.k[:, :, input_pos] = k.masked_fill(~keep, 0)
-        self.v[:, :, input_pos] = v.masked_fill(~keep, 0)
+        self.k[:, :, input_pos] = k.masked_fill(~keep, 0).to(self.k.dtype)   # autocast: bf16 into the cache
+        self.v[:, :, input_pos] = v.masked_fill(~keep, 0).to(self.v.dtype)
         self.valid[:, input_pos] = write
         return self.k, self.v, self.valid
+
+
+def attend(q, k, v, mask):
+    """SDPA that keeps CUDA on its fast kernels. mask None: causal only, which the flash
+    kernel serves with GQA. With a mask, flash is out; the memory-efficient kernel takes
+    masks but not GQA (torch docs: GQA "works only for Flash_attention and math kernel on
+    CUDA"), so K/V heads are repeated for it. A single query row (decode) is cheap even in
+    the math kernel, and the CPU kernel takes mask and GQA together: no copy there."""
+    gqa = k.size(1) != q.size(1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if gqa and q.is_cuda and q.size(2) > 1:
+        repeat = q.size(1) // k.size(1)
+        k, v, gqa = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -139,30 +168,34 @@ class Attention(nn.Module):
         self.kv_cache = None
 
     def project_kv(self, x, rope, input_pos, write):
-        """K/V for every token of x, stored in the cache if there is one; returns all keys
-        and values this chunk may attend to, with their validity and slot positions."""
+        """K/V for every token of x, stored in the cache when decoding (input_pos given);
+        returns all keys and values this chunk may attend to, with their validity."""
         B, T, _ = x.shape
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             k = apply_rope(k, *rope)
-        if self.kv_cache is None or input_pos is None:
-            return k, v, write, torch.arange(T, device=x.device)
-        k, v, valid = self.kv_cache.update(input_pos, k, v, write)
-        return k, v, valid, torch.arange(k.size(2), device=x.device)
+        if input_pos is None:
+            return k, v, write
+        return self.kv_cache.update(input_pos, k, v, write)
 
-    def forward(self, x, rope, input_pos, write):
+    def forward(self, x, rope, input_pos, write, causal_only):
+        """write (B, T): which tokens of x store K/V that others may attend to.
+        causal_only: no cache and every real key precedes the padding, so a causal mask
+        alone is exact for every real query (padded queries attend to padding, unread)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if rope is not None:
             q = apply_rope(q, *rope)
-        k, v, key_valid, key_pos = self.project_kv(x, rope, input_pos, write)
-        query_pos = key_pos[:T] if input_pos is None or self.kv_cache is None else input_pos
-        causal = key_pos[None, :] <= query_pos[:, None]                          # (T, S)
-        # a query always sees itself, so a row is never empty (padding, dropped tokens)
-        mask = (causal & key_valid[:, None, :]) | (key_pos[None, :] == query_pos[:, None])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        k, v, key_valid = self.project_kv(x, rope, input_pos, write)
+        mask = None
+        if not causal_only:
+            key_pos = torch.arange(k.size(2), device=x.device)
+            query_pos = key_pos[:T] if input_pos is None else input_pos
+            causal = key_pos[None, :] <= query_pos[:, None]                          # (T, S)
+            # a query always sees itself, so a row is never empty (padding, dropped tokens)
+            mask = (causal & key_valid[:, None, :]) | (key_pos[None, :] == query_pos[:, None])
+        y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -183,85 +216,110 @@ class MLP(nn.Module):
 
 def add_rows(base, sel, gate, rows_fn):
     """base + gate * rows_fn(rows) on the selected tokens only: gather, run, scatter.
-    Skipped tokens cost nothing; positions never move, so the residual is added once."""
+    Skipped tokens cost nothing; positions never move, so the residual is added once.
+    The rows are added in the residual's dtype: under autocast the branch returns bf16
+    and the residual stays fp32."""
     if not sel.any():   # e.g. a skipped token at batch-1 decode: nothing to run at all
         return base
     flat = base.reshape(-1, base.size(-1))
     idx = sel.flatten().nonzero().squeeze(1)   # ascending token order
     y = rows_fn(idx)
-    return flat.index_add(0, idx, y * gate.flatten()[idx, None].to(y.dtype)).view_as(base)
+    return flat.index_add(0, idx, (y * gate.flatten()[idx, None].to(y.dtype)).to(flat.dtype)).view_as(base)
+
+
+@dataclass
+class Context:
+    """What every block of one forward pass needs."""
+    rope: object                  # (cos, sin), each (B, 1, T, hs); None for GPT-2
+    valid: torch.Tensor           # (B, T) real tokens
+    routable: torch.Tensor        # (B, T) real tokens the routers decide for (not sinks)
+    input_pos: object             # (T,) cache slots this chunk writes; None = no cache
+    rule: Rule
+    causal_only: bool             # no cache, right padding: attention needs no mask
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, routed):
+    def __init__(self, cfg, routed, index=0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.index = cfg, index
         self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.router = Router(cfg.n_embd, predictor=cfg.route_predictor) if routed else None
 
-    def forward(self, x, rope, valid, input_pos, rule, slot):
-        """Returns the block output and, for a routed block, a trace: router probability p,
-        predictor probability q (MoD), decisions sel, similarity sim, and valid."""
+    def attention(self, x, ctx, write=None):
+        drop = write is not None   # whole-block skipping under `drop`: some keys are missing
+        write = ctx.valid if write is None else write
+        return self.self_attn(self.input_layernorm(x), ctx.rope, ctx.input_pos, write, ctx.causal_only and not drop)
+
+    def forward(self, x, ctx, slot):
+        """Returns the block output and, for a routed block, its Trace (router.py)."""
         if self.router is None:
-            h = x + self.self_attn(self.input_layernorm(x), rope, input_pos, valid)
+            h = x + self.attention(x, ctx)
             return h + self.mlp(self.post_attention_layernorm(h)), None
-        if self.fusable(x, rule):
-            return self.mlp_routed_fused(x, rope, valid, input_pos, layer_threshold(rule, slot))
-        p = self.router(x)
-        q = self.router.predict(x) if self.router.predictor is not None else None
-        sel = select(q if rule.use_predictor else p, valid, rule, slot)
+        if self.fusable(x, ctx.rule):
+            return self.mlp_routed_fused(x, ctx, layer_threshold(ctx.rule, slot))
+        logit = self.router(x)
+        pred = self.router.predict(x) if self.router.predictor is not None else None
+        sel = select(pred if ctx.rule.use_predictor else logit, ctx.routable, ctx.valid, ctx.rule, slot)
+        p = torch.sigmoid(logit)
         gate = p if self.cfg.route_gate == "mod" else dlo_gate(p, self.cfg.route_gap)
-        if self.cfg.route == "mlp":
-            out, sim = self.mlp_routed(x, rope, valid, input_pos, sel, gate, rule.similarity)
-        else:
-            out, sim = self.block_routed(x, rope, valid, input_pos, sel, gate, rule.similarity)
-        return out, {"p": p, "q": q, "sel": sel, "sim": sim, "valid": valid}
+        routed = self.mlp_routed if self.cfg.route == "mlp" else self.block_routed
+        out, sim = routed(x, ctx, sel, gate)
+        return out, Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim, pred)
 
     def fusable(self, x, rule):
-        """The Triton route+gather / scale+scatter path: DLO's MLP routing at inference."""
+        """The Triton path (kernels.py): DLO's MLP routing at inference, no autograd."""
         return (self.cfg.route == "mlp" and rule.kind == "threshold" and not rule.similarity
                 and not rule.use_predictor and self.cfg.route_gate == "dlo" and self.cfg.arch == "llama"
-                and kernels.use_triton(x, self.router.weight))
+                and kernels.use_triton(x, self.router.weight, self.mlp.down_proj.weight))
 
-    def mlp_routed_fused(self, x, rope, valid, input_pos, threshold):
-        """mlp_routed through kernels.py: one pass scores, selects and gathers the
-        normalised rows; a second adds g(p) * mlp(rows) back in place."""
-        h = x + self.self_attn(self.input_layernorm(x), rope, input_pos, valid)
+    def mlp_routed_fused(self, x, ctx, threshold):
+        """mlp_routed through kernels.py. Prefill: one pass scores, selects and gathers the
+        normalised rows; a second adds g(p) * mlp(rows) back in place. Decode (one token per
+        row): route_mlp decides and skips on the device, so no routed layer waits on the host."""
+        h = x + self.attention(x, ctx)
         B, T, C = h.shape
-        norm = self.post_attention_layernorm
-        p, idx, rows = kernels.route_gather(x.reshape(-1, C), h.reshape(-1, C), self.router.weight, norm.weight,
-                                            norm.eps, threshold=threshold, valid=valid.flatten())
-        mlp = self.mlp(rows)
-        out = kernels.scale_scatter(h.reshape(-1, C), idx, mlp, dlo_gate(p, self.cfg.route_gap))
-        sel = torch.zeros(B * T, dtype=torch.bool, device=x.device)
-        sel[idx] = True
-        return out.view_as(h), {"p": p.view(B, T), "q": None, "sel": sel.view(B, T), "sim": None, "valid": valid}
+        norm, mlp, gap = self.post_attention_layernorm, self.mlp, self.cfg.route_gap
+        xf, hf = x.reshape(-1, C), h.reshape(-1, C)
+        routable, sinks = ctx.routable.flatten(), (ctx.valid & ~ctx.routable).flatten()
+        if T == 1:
+            out, p, sel = kernels.route_mlp(xf, hf, self.router.weight, norm.weight, norm.eps, threshold, routable,
+                                            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, gap,
+                                            inplace=True, always=sinks)
+        else:
+            p, idx, rows = kernels.route_gather(xf, hf, self.router.weight, norm.weight, norm.eps,
+                                                threshold=threshold, valid=routable, always=sinks)
+            # h is this block's own fresh tensor: scatter into it instead of copying it
+            out = kernels.scale_scatter(hf, idx, mlp(rows), dlo_gate(p, gap), inplace=True)
+            sel = torch.zeros(B * T, dtype=torch.bool, device=x.device).index_fill_(0, idx, True)
+        trace = Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable)
+        return out.view_as(h), trace
 
     def mlp_rows(self, h):
         return lambda idx: self.mlp(self.post_attention_layernorm(h.reshape(-1, h.size(-1))[idx]))
 
-    def mlp_routed(self, x, rope, valid, input_pos, sel, gate, similarity):
+    def mlp_routed(self, x, ctx, sel, gate):
         # DLO "ExAttn": attention runs for every token, only the MLP is routed
-        h = x + self.self_attn(self.input_layernorm(x), rope, input_pos, valid)
-        if not similarity:
+        h = x + self.attention(x, ctx)
+        if not ctx.rule.similarity:
             return add_rows(h, sel, gate, self.mlp_rows(h)), None
-        # the labels need mlp(h) for every token: compute it once, densely (METHODS.md 1)
+        # the labels need mlp(h) for every token: compute it once, densely, instead of the
+        # official code's second no-grad pass (DLO section 3.3)
         y = self.mlp(self.post_attention_layernorm(h))
         return h + (sel * gate).unsqueeze(-1).to(y.dtype) * y, token_similarity(h, h + y)
 
-    def block_routed(self, x, rope, valid, input_pos, sel, gate, similarity):
-        write = valid & sel if self.cfg.kv_policy == "drop" else valid
-        xn = self.input_layernorm(x)
-        if not similarity and not sel.any():
-            if self.cfg.kv_policy == "compute" and self.self_attn.kv_cache is not None:
-                self.self_attn.project_kv(xn, rope, input_pos, write)  # keep the context complete
+    def block_routed(self, x, ctx, sel, gate):
+        drop = self.cfg.kv_policy == "drop"
+        write = ctx.valid & sel if drop else None
+        if not ctx.rule.similarity and not sel.any():
+            if not drop and ctx.input_pos is not None:   # keep the context complete
+                self.self_attn.project_kv(self.input_layernorm(x), ctx.rope, ctx.input_pos, ctx.valid)
             return x, None
-        a = self.self_attn(xn, rope, input_pos, write)
+        a = self.attention(x, ctx, write)
         h = x + a
-        if not similarity:
+        if not ctx.rule.similarity:
             mlp = self.mlp_rows(h)
             return add_rows(x, sel, gate, lambda idx: a.reshape(-1, a.size(-1))[idx] + mlp(idx)), None
         delta = a + self.mlp(self.post_attention_layernorm(h))   # block(x) - x
@@ -276,7 +334,7 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.arch == "gpt2":
             self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.layers = nn.ModuleList(Block(cfg, i in routed) for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, i in routed, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -286,7 +344,7 @@ class GPT(nn.Module):
             if layer.router is not None:
                 layer.router.reset_parameters()
         self.apply_freezing()
-        self.route_trace = []   # per routed layer of the last forward: {"layer", "p", "sel", "sim", "valid"}
+        self.route_trace = []   # router.Trace per routed layer of the last forward
 
     @staticmethod
     def _init_weights(module):
@@ -309,55 +367,77 @@ class GPT(nn.Module):
                 param.requires_grad_(name.startswith("router."))
 
     def default_rule(self):
+        """The inference rule: threshold p, one calibrated threshold per routed layer when
+        training stored them (route_threshold), MoD's predictor when it has one."""
         cfg = self.config
         return Rule(kind="threshold", threshold=cfg.route_threshold, use_predictor=cfg.route_predictor)
 
     def forward(self, idx, targets=None, *, input_pos=None, positions=None, valid=None, rule=None,
-                last_only=False):
+                last_only=False, reduction="mean"):
         """idx (B, T) token ids. targets (B, T) with -1 = no loss. input_pos (T,): the
-        KV-cache slots this chunk writes (None = no cache). positions (B, T): RoPE or
-        learned positions (default: the slots). valid (B, T): False on padding.
-        Returns logits (B, T, V) for every position (or only the last) and the mean loss."""
+        KV-cache slots this chunk writes (None = no cache; rows must then be right-padded,
+        as training data is). positions (B, T): RoPE or learned positions (default: the
+        slots); the caller keeps them inside the context. valid (B, T): False on padding.
+        Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only, and None
+        when targets are given (the loss never materialises every logit); loss is the
+        mean over targets, their sum, or per token (B, T) for reduction "none"."""
         B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"a chunk of {T} tokens exceeds the model's context of {self.config.block_size} tokens")
         if valid is None:
             valid = torch.ones_like(idx, dtype=torch.bool)
+        elif input_pos is None and not torch.compiler.is_compiling() and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+            raise ValueError("without a KV cache, rows must be right-padded (real tokens first)")
         if positions is None:
             base = torch.arange(T, device=idx.device) if input_pos is None else input_pos
             positions = base.expand(B, T)
-        if T > self.config.block_size or int(positions.max()) >= self.config.block_size:
-            raise ValueError(f"sequence reaches position {int(positions.max())}, but the model's "
-                             f"context is {self.config.block_size} tokens")
         x = self.embed_tokens(idx)
         rope = None
         if self.config.arch == "gpt2":
             x = x + self.pos_embed(positions)
         else:
             rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        rule = rule or self.default_rule()
+        routable = routable_tokens(valid, positions, self.config.route_sink_tokens)
+        ctx = Context(rope, valid, routable, input_pos, rule or self.default_rule(), causal_only=input_pos is None)
         self.route_trace = []
-        for i, layer in enumerate(self.layers):
-            x, trace = layer(x, rope, valid, input_pos, rule, len(self.route_trace))
+        for layer in self.layers:
+            x, trace = layer(x, ctx, len(self.route_trace))
             if trace is not None:
-                self.route_trace.append({"layer": i, **trace})
+                self.route_trace.append(trace)
         x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(x)
-        loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
+            return None, self.lm_loss(x, targets, reduction)
+        return self.lm_head(x[:, -1:] if last_only else x), None
+
+    def lm_loss(self, x, targets, reduction):
+        """Cross-entropy on the positions that carry a target only (in SFT, the assistant's
+        tokens), LOSS_CHUNK rows of fp32 logits at a time. With more than one chunk, each is
+        recomputed in the backward pass, so one chunk's logits are alive at a time."""
+        keep = targets != -1
+        h, t = x[keep], targets[keep]
+        chunk_loss = lambda hc, tc: F.cross_entropy(self.lm_head(hc).float(), tc, reduction="none")
+        if h.size(0) > LOSS_CHUNK and torch.is_grad_enabled():
+            pieces = [checkpoint(chunk_loss, h[i:i + LOSS_CHUNK], t[i:i + LOSS_CHUNK], use_reentrant=False)
+                      for i in range(0, h.size(0), LOSS_CHUNK)]
+        else:
+            pieces = [chunk_loss(h[i:i + LOSS_CHUNK], t[i:i + LOSS_CHUNK]) for i in range(0, h.size(0), LOSS_CHUNK)]
+        losses = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+        if reduction == "sum":
+            return losses.sum()
+        if reduction == "none":
+            return torch.zeros(targets.shape, dtype=losses.dtype, device=x.device).masked_scatter(keep, losses)
+        return losses.mean()
 
     # ---- depth bookkeeping -------------------------------------------------------
 
     def executed_map(self):
         """(B, T, n_layer) bool of the last forward: did the routed part of the layer run?"""
-        ref = self.route_trace[0]["valid"] if self.route_trace else None
-        if ref is None:
+        if not self.route_trace:
             raise RuntimeError("executed_map() needs a forward pass of a routed model first")
+        ref = self.route_trace[0].valid
         ran = torch.ones(*ref.shape, self.config.n_layer, dtype=torch.bool, device=ref.device)
         for t in self.route_trace:
-            ran[..., t["layer"]] = t["sel"]
+            ran[..., t.layer] = t.sel
         return ran
 
     def layer_flops(self, context):

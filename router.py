@@ -1,29 +1,32 @@
 """
-Per-token layer routing: the router, the selection rules, the similarity
-labels and the router loss. Every function here is a plain tensor function,
-testable without a model.
+Per-token layer routing: the router, the selection rules, the similarity labels,
+the router loss and the capacity schedule. Everything a reader needs to change how
+routers learn lives in this file; every function is a plain tensor function,
+testable without a model, and none of them syncs with the host.
 
 Notable features
-- DLO router (arXiv 2407.11030, METHODS.md 1): Linear(d, 1), zero-initialised,
-  reads the block input x; p = sigmoid(w . x); gate g(p) = 1 + gap * (p - 0.5)
-- selection rules: top-k with per-layer capacity (ties kept) and threshold p
-  (causal); both usable in training, so the train/inference gap can be measured
-- similarity labels: `cos`, `cos-global`, `self`; BCE router loss
-- capacity annealing and the per-layer "dynamic LR" multiplier
-- padding is never selected and never labelled
+- DLO router (arXiv 2407.11030, section 3.2): Linear(d, 1), zero-initialised, reads
+  the block input x; logit and p = sigmoid(logit) always in fp32, also under autocast
+- selection rules: top-k with per-layer capacity (ties kept), threshold p (causal),
+  explicit masks (the label oracle and the random control)
+- sink tokens: the first positions of every row always run and are left out of
+  the top-k count, the labels and the loss (attention sinks, arXiv 2309.17453)
+- labels `cos`, `cos-global` (a tie at the cut, e.g. a branch that returns exactly 0,
+  is labelled "skip"), `self`; BCE on logits, which autocast allows on every device
+- the capacity schedule: warm-up at capacity 1, annealing, per-layer capacities
+  taken from where the labels put them, DLO's dynamic LR, and threshold calibration
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import decide
-
 
 class Router(nn.Module):
-    """One decision per token: p = sigmoid(w . x), w zero-initialised so p = 0.5.
+    """One decision per token: logit = w . x in fp32, w zero-initialised so p = 0.5.
 
     `predictor` is Mixture-of-Depths' auxiliary causal predictor (arXiv 2404.02258
     section 3.5): a small MLP on the *detached* block input, trained with BCE to
@@ -45,11 +48,14 @@ class Router(nn.Module):
             nn.init.zeros_(self.predictor[2].weight)
             nn.init.zeros_(self.predictor[2].bias)
 
-    def forward(self, x):  # x (B, T, C) -> p (B, T) fp32
-        return torch.sigmoid(F.linear(x, self.weight).squeeze(-1).float())
+    def forward(self, x):  # x (B, T, C) -> logit (B, T) fp32
+        # fp32 even under autocast: in bf16, g(p) would take ~9 distinct values near 0.5
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float()).squeeze(-1)
 
-    def predict(self, x):  # MoD decode rule: P(token is in the top-k), causal
-        return torch.sigmoid(self.predictor(x.detach()).squeeze(-1).float())
+    def predict(self, x):  # MoD decode rule: logit of P(token is in the top-k), causal
+        with torch.autocast(x.device.type, enabled=False):
+            return self.predictor(x.detach().float()).squeeze(-1)
 
 
 def dlo_gate(p, gap=0.05):
@@ -61,50 +67,97 @@ def dlo_gate(p, gap=0.05):
 class Rule:
     """How a forward pass turns router probabilities into 0/1 decisions.
 
-    kind: "topk" keeps ceil(c_l * N) tokens per layer among the N real tokens of
+    kind: "topk" keeps ceil(c_l * N) tokens per layer among the N routable tokens of
           the batch (non-causal, training only); "threshold" runs a token iff
-          p >= threshold (causal, usable with the KV cache); "all" runs every token.
-    capacity: per routed layer, only for "topk".
-    threshold: a float, or a tuple with one value per routed layer (bench.py forces
-          executed fractions this way).
+          p >= threshold (causal, usable with the KV cache); "all" runs every token;
+          "mask" runs exactly `masks[slot]` (the label oracle, the random control).
+    capacity: (n_routed,) tensor, only for "topk". A tensor, not floats, so a
+          compiled step does not recompile when the capacities move.
+    threshold: a float, or one per routed layer (calibrated; see calibrate_thresholds).
     similarity: also compute cos(before, after) per token for the label rules; this
           runs the routed branch densely, since every token needs it.
     """
     kind: str = "threshold"
-    threshold: float = 0.5          # or one threshold per routed layer (a tuple)
-    capacity: tuple = ()
+    threshold: object = 0.5
+    capacity: Optional[torch.Tensor] = None
+    masks: list = field(default_factory=list)
     similarity: bool = False
     use_predictor: bool = False  # MoD decoding: decide with the auxiliary predictor
 
 
-def select_topk(p, valid, capacity):
-    """Top ceil(capacity * N) of p over the N real tokens of the whole batch; ties at the
-    k-th value are kept, so at zero init (all p equal) every token runs (METHODS.md 1)."""
-    k = math.ceil(capacity * int(valid.sum()) - 1e-9)
-    return decide(p.flatten(), valid.flatten(), k=k).view_as(valid)
+@dataclass
+class Trace:
+    """What one routed layer did in the last forward pass; all (B, T)."""
+    layer: int
+    logit: torch.Tensor                   # router logit, fp32
+    sel: torch.Tensor                     # did the routed part run (sinks and dense tokens: True)
+    valid: torch.Tensor                   # real token (not padding)
+    routable: torch.Tensor                # real and not a sink: what the router decides
+    sim: Optional[torch.Tensor] = None    # cos(before, after), for the labels
+    pred_logit: Optional[torch.Tensor] = None   # MoD's causal predictor
+
+    @property
+    def p(self):
+        return torch.sigmoid(self.logit)
 
 
-def select_threshold(p, valid, threshold):
+# ---- selection rules -----------------------------------------------------------------
+
+def kth_largest(score, routable, k):
+    """The k-th largest score among routable entries (k a 0-dim tensor, >= 1). A sort
+    and a gather instead of topk(int(k)): no host sync and no recompile per k."""
+    flat = score.flatten().float().masked_fill(~routable.flatten(), -math.inf)
+    ranked = flat.sort(descending=True).values
+    return ranked.gather(0, (k - 1).clamp(min=0).view(1)).squeeze(0)
+
+
+def count_k(capacity, n):
+    """ceil(capacity * n) in float64: in fp32, 0.9 * 1000 rounds to 900.00002 -> 901."""
+    return torch.ceil(torch.as_tensor(capacity, dtype=torch.float64, device=n.device) * n - 1e-9).long()
+
+
+def select_topk(score, routable, capacity):
+    """Top ceil(capacity * N) of score over the N routable tokens; ties at the k-th value
+    are kept, so at zero init (all p equal) every token runs (DLO section 3.2)."""
+    k = count_k(capacity, routable.sum())
+    return (score >= kth_largest(score, routable, k)) & routable & (k > 0)
+
+
+def select_threshold(p, routable, threshold):
     """Run iff p >= threshold. A tie at exactly p = threshold runs, as top-k keeps ties, so
-    zero-initialised routers (p = 0.5) run every token and a freshly routed model is
-    still the dense one, in training and at inference alike."""
-    return decide(p, valid, threshold=threshold)
+    zero-initialised routers (p = 0.5) run every token: a freshly routed model is still
+    the dense one, in training and at inference alike."""
+    return (p >= threshold) & routable
 
 
-def layer_threshold(rule, layer_slot):
-    return rule.threshold[layer_slot] if isinstance(rule.threshold, (tuple, list)) else rule.threshold
+def layer_threshold(rule, slot):
+    t = rule.threshold
+    return t[slot] if isinstance(t, (tuple, list)) else t
 
 
-def select(p, valid, rule, layer_slot):
-    """Apply `rule` to one layer's probabilities p (B, T); layer_slot indexes rule.capacity."""
+def select(logit, routable, valid, rule, slot):
+    """Apply `rule` to one layer's logits (B, T). Sinks (valid but not routable) always run."""
     if rule.kind == "all":
-        return valid.clone()
-    if rule.kind == "threshold":
-        return select_threshold(p, valid, layer_threshold(rule, layer_slot))
-    if rule.kind == "topk":
-        return select_topk(p, valid, rule.capacity[layer_slot])
-    raise ValueError(f"unknown routing rule {rule.kind!r}: use topk, threshold or all")
+        sel = routable
+    elif rule.kind == "threshold":
+        sel = select_threshold(torch.sigmoid(logit), routable, layer_threshold(rule, slot))
+    elif rule.kind == "topk":
+        sel = select_topk(logit, routable, rule.capacity[slot])
+    elif rule.kind == "mask":
+        sel = rule.masks[slot] & routable
+    else:
+        raise ValueError(f"unknown routing rule {rule.kind!r}: use topk, threshold, all or mask")
+    return sel | (valid & ~routable)
 
+
+def routable_tokens(valid, positions, sink_tokens):
+    """Real tokens the routers decide for: not padding, not one of the first `sink_tokens`
+    positions of the row. The first token's MLP writes the attention sink's massive
+    activation (arXiv 2402.17762, section 3); skipping it costs SmolLM2 1.6 nats."""
+    return valid & (positions >= sink_tokens) if sink_tokens else valid
+
+
+# ---- labels --------------------------------------------------------------------------
 
 def token_similarity(a, b):
     """cos(a, b) per token in fp32 with no gradient: how little a branch changed a token."""
@@ -112,60 +165,172 @@ def token_similarity(a, b):
         return F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
-def similarity_labels(sims, valids, mode, capacities=None, global_capacity=None):
-    """Labels (1 = should run) for each routed layer from per-token similarities.
+def lowest_first(sim, routable, k):
+    """1 for the k least-similar routable entries, taking whole tie groups only: a tie at
+    the cut is labelled 0 (skip). A branch that returns exactly zero has s = 1.0, the most
+    skippable there is; DLO's official code keeps such ties as 1, which at zero init
+    labels every token "run" (arXiv 2407.11030, section 3.3, and the README)."""
+    cut = -kth_largest(-sim, routable, k)                   # the k-th smallest similarity
+    at_or_below = (sim <= cut) & routable
+    whole_group_fits = at_or_below.sum() <= k
+    return torch.where(whole_group_fits, at_or_below, (sim < cut) & routable) & (k > 0)
 
-    sims, valids: lists over routed layers of (B, T) tensors.
-    "cos": per layer, the ceil(c_l * N) least-similar real tokens get 1.
-    "cos-global": one threshold over all layers and tokens so that a fraction
-        global_capacity of (layer, token) pairs get 1; returns the resulting
-        per-layer capacities too (DLO section 3.3), which the next step's top-k uses.
-    Returns (labels list, per-layer capacity list or None).
-    """
+
+def similarity_labels(traces, mode, capacity, ties="skip"):
+    """Labels (1 = should run) per routed layer at `capacity`, and each layer's label
+    fraction (n_routed,) over its routable tokens.
+    "cos": per layer, the ceil(c * N) least-similar tokens get 1.
+    "cos-global": one cut over all layers and tokens, so a fraction c of all pairs gets
+        1; the layers get different fractions (DLO section 3.3).
+    ties="run" keeps ties at the cut as 1 (DLO's official code)."""
+    cut = lowest_first if ties == "skip" else keep_ties
     if mode == "cos":
-        labels = [select_topk(-s, v, c) for s, v, c in zip(sims, valids, capacities)]
-        return labels, None
-    if mode == "cos-global":
-        pooled = torch.cat([s[v] for s, v in zip(sims, valids)])
-        k = math.ceil(global_capacity * pooled.numel() - 1e-9)
-        if k == 0:
-            labels = [torch.zeros_like(v) for v in valids]
+        labels = [cut(t.sim, t.routable, count_k(capacity, t.routable.sum())) for t in traces]
+    elif mode == "cos-global":
+        sims, routable = torch.stack([t.sim for t in traces]), torch.stack([t.routable for t in traces])
+        labels = list(cut(sims, routable, count_k(capacity, routable.sum())))
+    else:
+        raise ValueError(f"unknown label mode {mode!r}: use cos, cos-global or self")
+    return labels, label_fractions(labels, traces)
+
+
+def keep_ties(sim, routable, k):
+    """DLO's official cut: every entry at or below the k-th smallest similarity is 1."""
+    return (sim <= -kth_largest(-sim, routable, k)) & routable & (k > 0)
+
+
+def label_fractions(labels, traces):
+    return torch.stack([(l & t.routable).sum() / t.routable.sum().clamp(min=1) for l, t in zip(labels, traces)])
+
+
+def make_labels(traces, mode, capacity, ties="skip"):
+    """Labels for the router loss, and the per-layer label fractions (None for `self`)."""
+    if mode == "self":   # MoD's auxiliary loss: the router's own top-k decision
+        return [t.sel & t.routable for t in traces], None
+    return similarity_labels(traces, mode, capacity, ties)
+
+
+# ---- the router loss -----------------------------------------------------------------
+
+def bce_sum(logits, labels, traces):
+    """Summed BCE over routable tokens, from logits: CUDA autocast refuses plain
+    binary_cross_entropy, and the logit form is the numerically stable one."""
+    total = 0.0
+    for logit, y, t in zip(logits, labels, traces):
+        loss = F.binary_cross_entropy_with_logits(logit.float(), y.float(), reduction="none")
+        total = total + (loss * t.routable).sum()
+    return total
+
+
+def router_loss(traces, labels, n_route, lam=1.0, predictor=False):
+    """DLO eq. 5: lam * BCE(p, label) summed over routed layers x routable tokens and
+    divided by n_route, the count over the *global* batch, so accumulated micro-batches
+    add up to one big batch exactly as the LM loss does. With MoD's predictor, its BCE
+    against the (non-causal) top-k decision is added the same way."""
+    with torch.autocast(traces[0].logit.device.type, enabled=False):
+        loss = lam * bce_sum([t.logit for t in traces], labels, traces) / n_route if labels is not None else 0.0
+        if predictor:
+            loss = loss + bce_sum([t.pred_logit for t in traces], [t.sel for t in traces], traces) / n_route
+    return loss
+
+
+@torch.no_grad()
+def router_agreement(traces, labels):
+    """How well the routers rank tokens by their labels: per layer, run the router's own top
+    fraction f_l (f_l = the layer's label fraction) and count decisions equal to the
+    label; also the mean BCE. Random routers score f^2 + (1-f)^2 per layer."""
+    agree, bce, n = 0.0, 0.0, 0.0
+    for t, y in zip(traces, labels):
+        frac = (y & t.routable).sum() / t.routable.sum().clamp(min=1)
+        mine = select_topk(t.logit, t.routable, frac)
+        agree += float(((mine == y) & t.routable).sum())
+        bce += float(bce_sum([t.logit], [y], [t]))
+        n += float(t.routable.sum())
+    return agree / max(n, 1.0), bce / max(n, 1.0)
+
+
+def executed_fraction(traces, n_layer, n_valid):
+    """Mean over all n_layer layers of the fraction of real tokens that ran the layer's
+    routed part; unrouted layers and sinks count as run. Training and evaluation use this
+    same denominator."""
+    ran = sum((t.sel & t.valid).sum() for t in traces)
+    return (n_layer - len(traces) + ran / max(n_valid, 1)) / n_layer
+
+
+# ---- capacity schedule ---------------------------------------------------------------
+
+class CapacitySchedule:
+    """Global capacity c_bar(step), and one capacity per routed layer.
+
+    c_bar: `start` for the first `warmup` steps (1.0: nothing skipped while the routers
+    learn the labels), linear to `end` over the next `anneal` steps, then `end`. DLO
+    anneals 1.0 -> 0.9 over 1,000 steps (arXiv 2407.11030, section 4.1).
+
+    Per-layer capacities, split="labels" (default): the labels are computed at the end
+    capacity from step 0, and their per-layer fractions f_l (an exponential moving
+    average) say where skipping belongs. Layer l gets c_l = 1 - a * (1 - f_l), with a
+    chosen so the mean is c_bar: capacity is taken only where the labels put it, and a
+    layer whose labels say "run every token" keeps c_l = 1.
+    split="rescale" is DLO's official code: labels at the current c_bar, then every
+    c_l = f_l * c_bar(next) / mean f, which also lowers layers labelled "run all".
+    """
+
+    def __init__(self, n_layers, start=1.0, end=0.9, warmup=0, anneal=1000, split="labels", momentum=0.9):
+        self.n_layers, self.start, self.end, self.warmup, self.anneal = n_layers, start, end, warmup, anneal
+        self.split, self.momentum = split, momentum
+        self.label_frac = None   # (n_layers,) float64, on the CPU
+
+    def global_capacity(self, step):
+        if step < self.warmup:
+            return self.start
+        progress = 1.0 if self.anneal <= 0 else min(1.0, (step - self.warmup) / self.anneal)
+        return self.start + (self.end - self.start) * progress
+
+    def label_capacity(self, step):
+        """The capacity the labels are computed at."""
+        return self.end if self.split == "labels" else self.global_capacity(step)
+
+    def update(self, label_frac):
+        """Fold one step's per-layer label fractions into the running estimate."""
+        f = label_frac.detach().double().cpu()
+        if self.split == "rescale" or self.label_frac is None:
+            self.label_frac = f
         else:
-            cut = pooled.topk(k, largest=False).values[-1]  # ties at the cut are kept
-            labels = [(s <= cut) & v for s, v in zip(sims, valids)]
-        caps = [float(l.sum()) / max(1, int(v.sum())) for l, v in zip(labels, valids)]
-        return labels, caps
-    raise ValueError(f"unknown label mode {mode!r}: use cos, cos-global or self")
+            self.label_frac = self.momentum * self.label_frac + (1 - self.momentum) * f
 
+    def capacities(self, step):
+        """(n_layers,) float64 per-layer capacities for this step's top-k."""
+        c_bar = self.global_capacity(step)
+        f = self.label_frac
+        if f is None or float(f.mean()) >= 1.0:
+            return torch.full((self.n_layers,), c_bar, dtype=torch.float64)
+        if self.split == "rescale":
+            return (f * c_bar / f.mean()).clamp(0.0, 1.0)
+        a = min(1.0, (1.0 - c_bar) / float(1.0 - f.mean()))
+        return (1.0 - a * (1.0 - f)).clamp(0.0, 1.0)
 
-def router_bce(probs, labels, valids):
-    """BCE(p, label) averaged over routed layers x real tokens (DLO eq. 5).
-    Returns (sum, count) so gradient accumulation can normalise like the LM loss."""
-    total = probs[0].new_zeros(())
-    count = 0
-    for p, y, v in zip(probs, labels, valids):
-        total = total + F.binary_cross_entropy(p[v], y[v].float(), reduction="sum")
-        count += int(v.sum())
-    return total, count
+    def state_dict(self):
+        return {"label_frac": None if self.label_frac is None else self.label_frac.tolist()}
 
-
-def annealed_capacity(step, start=1.0, end=0.9, steps=1000):
-    """Global capacity c_bar, linear from start to end over `steps` (DLO: 1.0 -> 0.9 over 1000)."""
-    if steps <= 0:
-        return end
-    return start + (end - start) * min(1.0, step / steps)
-
-
-def rescale_capacities(caps, global_capacity):
-    """Rescale per-layer capacities so their mean is c_bar, each clipped to [0, 1]."""
-    mean = sum(caps) / len(caps)
-    if mean <= 0:
-        return [global_capacity] * len(caps)
-    return [min(1.0, max(0.0, c * global_capacity / mean)) for c in caps]
+    def load_state_dict(self, state):
+        f = state.get("label_frac")
+        self.label_frac = None if f is None else torch.tensor(f, dtype=torch.float64)
 
 
 def dynamic_lr_scales(caps):
-    """DLO's "dynamic LR" (METHODS.md 1): layer l's LR is multiplied by c_l + (1 - mean c),
+    """DLO's "dynamic LR" (section 3.4): layer l's LR is multiplied by c_l + (1 - mean c),
     which follows each layer's capacity while keeping the mean multiplier at 1."""
+    caps = [float(c) for c in caps]
     mean = sum(caps) / len(caps)
     return [c + (1.0 - mean) for c in caps]
+
+
+def thresholds_from_topk(traces):
+    """Per routed layer, the smallest p that top-k selected among routable tokens: the
+    threshold rule `p >= t` then reproduces the top-k decisions exactly on these rows.
+    A layer that selected nothing gets +inf (never runs)."""
+    out = []
+    for t in traces:
+        chosen = t.p.masked_fill(~(t.sel & t.routable), math.inf)
+        out.append(float(chosen.min()) if bool((t.sel & t.routable).any()) else math.inf)
+    return tuple(out)

@@ -10,10 +10,14 @@ Notable features
 - expand (dlo.py), route (router.py), then SFT with loss on assistant tokens only
 - LM loss + lambda * BCE router loss, both normalised over the *global* batch, so k
   micro-batches accumulate to exactly one batch k times as large
-- capacity annealing, cos / cos-global / self labels, dynamic per-layer LR
+- routing that leaves a pretrained model intact: sink tokens always run, dense edge
+  layers, a router warm-up at capacity 1.0, then annealing, and at the end one
+  threshold per routed layer calibrated on held-out rows, so inference executes
+  what training did
+- bf16 autocast on GPUs and on CPUs with native bf16; routers and their loss in fp32
 - atomic checkpoints holding model, optimizer, schedule, data position, RNG and
   routing state: resuming continues the very same run
-- DDP or FSDP (fully_shard, one unit per block) under torchrun; gloo on CPU
+- DDP or FSDP (fully_shard, one unit per block) under torchrun
 """
 import argparse
 import dataclasses
@@ -35,8 +39,8 @@ from tqdm import tqdm
 import dlo
 import weights
 from data import TokenData, prepare_shakespeare, prepare_sharegpt
-from router import (Rule, annealed_capacity, dynamic_lr_scales, rescale_capacities, router_bce,
-                    similarity_labels)
+from router import (CapacitySchedule, Rule, dynamic_lr_scales, executed_fraction, make_labels,
+                    routable_tokens, router_agreement, router_loss, thresholds_from_topk)
 
 
 @dataclass
@@ -55,17 +59,24 @@ class TrainConfig:
     shortgpt_drop: int = 0          # ShortGPT: remove this many lowest-Block-Influence layers
     # routing (router.py)
     route: str = "mlp"              # none, mlp (DLO default), block
-    routed: str = "all"             # all, inner (not first/last), every-other, or "i,j,..."
+    routed: str = "all"             # all, new (inserted layers only), every-other, or "i,j,..."
+    dense_first: int = 0            # keep this many first layers dense (never routed)
+    dense_last: int = 0             # keep this many last layers dense
+    sink_tokens: int = 1            # the first r positions of every row always run
     kv_policy: str = "compute"      # block routing: compute or drop
     gate: str = "dlo"               # dlo: g(p) = 1 + gap (p - 0.5); mod: output times p
     train_rule: str = "topk"        # topk (DLO) or threshold (MoDification)
-    threshold: float = 0.5          # threshold rule, and inference
+    threshold: float = 0.5          # threshold rule in training; inference before calibration
     labels: str = "cos-global"      # cos, cos-global, self, none
+    capacity_split: str = "labels"  # labels: ties skip, capacity taken where labels put it; rescale: DLO's code
     router_lambda: float = 1.0
-    router_lr_scale: float = 1.0    # routers' LR = lr * this (DLO uses one LR for all)
+    router_lr_scale: float = 1.0    # routers' LR = lr * this
     capacity_start: float = 1.0
     capacity_end: float = 0.9
-    capacity_steps: int = 12        # anneal over this many steps (paper: 1000)
+    route_warmup: float = 0.2       # fraction of steps at capacity_start while the routers learn the labels
+    route_anneal: float = 0.5       # fraction of steps over which capacity then anneals to capacity_end
+    warmup_freeze: bool = False     # during the router warm-up, train the routers alone
+    calib_rows: int = 64            # held-out rows (after the eval rows) that calibrate the thresholds
     dynamic_lr: bool = True
     predictor: bool = False         # MoD auxiliary causal predictor
     # data
@@ -78,11 +89,13 @@ class TrainConfig:
     # optimisation
     max_steps: int = 24
     lr: float = 2e-5                # DLO's SFT learning rate
+    new_lr_scale: float = 1.0       # inserted layers' LR = lr * this
     min_lr_ratio: float = 0.1
     warmup_frac: float = 0.03
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 1337
+    dtype: str = "auto"             # float32, bfloat16 (autocast), or auto: bf16 where the hardware has it
     # bookkeeping
     out_dir: str = "out/dlo"
     eval_every: int = 12
@@ -94,11 +107,11 @@ class TrainConfig:
     device: str = "auto"
 
 
-CHOICES = {"placement": ("none", "interleave", "tli", "stack", "index", "lesa"),
-           "init": ("zeros", "copy", "random", "merge-linear", "merge-slerp"), "route": ("none", "mlp", "block"),
-           "kv_policy": ("compute", "drop"), "gate": ("dlo", "mod"), "train_rule": ("topk", "threshold"),
-           "labels": ("cos", "cos-global", "self", "none"), "dataset": ("sharegpt", "shakespeare"),
-           "dist": ("ddp", "fsdp")}
+CHOICES = {"placement": ("none", "interleave", "tli", "stack", "index", "lesa"), "init": dlo.INITS,
+           "route": ("none", "mlp", "block"), "kv_policy": ("compute", "drop"), "gate": ("dlo", "mod"),
+           "train_rule": ("topk", "threshold"), "labels": ("cos", "cos-global", "self", "none"),
+           "capacity_split": ("labels", "rescale"), "dataset": ("sharegpt", "shakespeare"),
+           "dist": ("ddp", "fsdp"), "dtype": ("auto", "float32", "bfloat16")}
 
 
 def parse_args(argv=None):
@@ -133,6 +146,11 @@ def parse_args(argv=None):
             sys.exit(f"error: --{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
     if not (0 < cfg.capacity_start <= 1 and 0 < cfg.capacity_end <= 1):
         sys.exit(f"error: capacities must be in (0, 1], got {cfg.capacity_start} -> {cfg.capacity_end}")
+    if not (0 <= cfg.route_warmup and 0 <= cfg.route_anneal and cfg.route_warmup + cfg.route_anneal <= 1):
+        sys.exit(f"error: route_warmup + route_anneal must be fractions of the run adding up to at most 1, "
+                 f"got {cfg.route_warmup} + {cfg.route_anneal}")
+    if cfg.warmup_freeze and (cfg.route == "none" or cfg.labels == "none"):
+        sys.exit("error: --warmup_freeze trains the routers alone on their labels: it needs --route and --labels")
     return cfg
 
 
@@ -158,11 +176,10 @@ def build_model(cfg, calibration):
     if cfg.freeze_original and cfg.placement in ("none", "lesa"):
         raise ValueError(f"freeze_original needs an interleave/tli/stack/index expansion, not {cfg.placement}")
     if cfg.route != "none":
-        L = model.config.n_layer
-        layers = {"all": (), "inner": range(1, L - 1), "every-other": range(1, L, 2)}.get(cfg.routed)
-        layers = int_list(cfg.routed) if layers is None else layers
-        model = dlo.activate(model, cfg.route, layers=layers, kv_policy=cfg.kv_policy, route_gate=cfg.gate,
-                             route_threshold=cfg.threshold, route_predictor=cfg.predictor)
+        which = cfg.routed if cfg.routed in dlo.ROUTED else int_list(cfg.routed)
+        layers = dlo.routed_layers(model.config, which, cfg.dense_first, cfg.dense_last)
+        model = dlo.activate(model, cfg.route, layers=layers, sink_tokens=cfg.sink_tokens, kv_policy=cfg.kv_policy,
+                             route_gate=cfg.gate, route_threshold=cfg.threshold, route_predictor=cfg.predictor)
     return model
 
 
@@ -188,46 +205,145 @@ def lr_at(step, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def param_groups(model, router_lr_scale=1.0):
+def param_groups(model, router_lr_scale=1.0, new_lr_scale=1.0):
     """One optimizer group per layer, so the dynamic LR can scale each layer on its own;
-    the routers form one more group with their own LR multiplier."""
+    inserted layers carry new_lr_scale (a zero-initialised block starts with gradients on
+    its two output projections only and needs larger steps to leave the identity); the
+    routers form one more group with their own LR multiplier."""
+    new = set(model.config.new_layers)
     routers = [p for layer in model.layers if layer.router is not None for p in layer.router.parameters()]
     ids = {id(p) for p in routers}
-    groups = [{"params": [p for p in layer.parameters() if p.requires_grad and id(p) not in ids], "layer": i}
-              for i, layer in enumerate(model.layers)]
+    groups = [{"params": [p for p in layer.parameters() if p.requires_grad and id(p) not in ids], "layer": i,
+               "scale": new_lr_scale if i in new else 1.0} for i, layer in enumerate(model.layers)]
     in_layers = {id(p) for layer in model.layers for p in layer.parameters()}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
-    groups += [{"params": rest, "layer": None}, {"params": routers, "layer": None, "scale": router_lr_scale}]
+    groups += [{"params": rest, "layer": None, "scale": 1.0},
+               {"params": routers, "layer": None, "scale": router_lr_scale}]
     return [g for g in groups if g["params"]]
 
 
-def micro_losses(model, inner, x, y, valid, rule, cfg, c_bar, n_lm, n_route):
-    """LM + router loss of one micro-batch, normalised by the global batch's counts
-    (n_lm target tokens, n_route routed layer-token pairs). `model` may be a DDP/FSDP
+def train_dtype(name, device):
+    """bf16 autocast where the hardware computes in bf16: CUDA GPUs that support it, and
+    CPUs with AVX512-BF16 or AMX (~5x fp32's matmul speed on this project's 2-core
+    machine); other CPUs emulate bf16 slowly, so they stay in fp32."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bfloat16" if any(native) else "float32"
+
+
+def autocast(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def process_group_backend():
+    """gloo for CPU tensors and, with CUDA, NCCL for GPU tensors: NCCL serves only CUDA
+    tensors, and a few counters here live on the CPU. The CPU build has no NCCL."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "cpu:gloo"
+
+
+def set_backbone_trainable(model, trainable):
+    """Router warm-up with the backbone frozen (Router-Tuning, FlexiDepth): only routers
+    learn. LLaMA Pro's frozen layers stay frozen either way."""
+    frozen = set(model.config.frozen_layers)
+    for i, layer in enumerate(model.layers):
+        for name, p in layer.named_parameters():
+            if not name.startswith("router."):
+                p.requires_grad_(trainable and i not in frozen)
+    if not frozen:
+        for name, p in model.named_parameters():
+            if not name.startswith("layers."):
+                p.requires_grad_(trainable)
+
+
+def row_stats(row_sums, row_counts):
+    """Mean loss per target token and its standard error, with conversations as clusters:
+    tokens of one conversation are not independent, so the SE comes from per-row sums."""
+    s, n = np.asarray(row_sums, dtype=np.float64), np.asarray(row_counts, dtype=np.float64)
+    mean = s.sum() / n.sum()
+    k = len(s)
+    se = math.sqrt(k / max(1, k - 1) * ((s - mean * n) ** 2).sum()) / n.sum()
+    return mean, se
+
+
+@torch.no_grad()
+def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, label_capacity=None):
+    """Held-out loss (mean and SE over rows), the executed fraction of all layers with the
+    same denominator as training, per-layer fractions, and the routers' agreement with
+    the labels. `rule`: a Rule, or a function (model, x, valid) -> Rule for rules that need
+    a look at the batch first (the label oracle, the random control)."""
+    model.eval()
+    sums, counts, ran, agree = [], [], torch.zeros(model.config.n_layer, dtype=torch.float64), []
+    n_valid, exec_total = 0, 0.0
+    with autocast(device, dtype):
+        for i in range(0, len(rows), batch_size):
+            x, y, valid = (t.to(device) for t in data.batch(rows[i:i + batch_size]))
+            r = rule(model, x, valid) if callable(rule) else rule
+            if labels in ("cos", "cos-global"):
+                r = dataclasses.replace(r, similarity=True)
+            _, tok_loss = model(x, y, valid=valid, rule=r, reduction="none")
+            sums += tok_loss.sum(1).tolist()
+            counts += (y != -1).sum(1).tolist()
+            traces, nv = model.route_trace, int(valid.sum())
+            exec_total += float(executed_fraction(traces, model.config.n_layer, nv)) * nv
+            n_valid += nv
+            per_layer = [nv] * model.config.n_layer   # unrouted layers run every real token
+            for t in traces:
+                per_layer[t.layer] = int((t.sel & t.valid).sum())
+            ran += torch.tensor(per_layer, dtype=torch.float64)
+            if traces and labels in ("cos", "cos-global"):
+                agree.append(router_agreement(traces, make_labels(traces, labels, label_capacity)[0]))
+    model.train()
+    loss, se = row_stats(sums, counts)
+    out = {"val_loss": loss, "val_se": se, "exec_frac_infer": exec_total / n_valid,
+           "exec_per_layer": (ran / n_valid).tolist(), "row_sums": sums, "row_counts": counts}
+    if agree:
+        out["router_agree"], out["router_bce"] = (float(np.mean([a[i] for a in agree])) for i in (0, 1))
+    return out
+
+
+@torch.no_grad()
+def calibrate(model, data, rows, capacities, device, dtype):
+    """One threshold per routed layer such that, on these held-out rows, `p >= t` runs
+    exactly the top-k fraction that training ran: one top-k pass at the training
+    capacities, all rows in one batch, each layer seeing the layers below it already
+    routed. Returns the thresholds (see router.thresholds_from_topk)."""
+    model.eval()
+    x, y, valid = (t.to(device) for t in data.batch(rows))
+    with autocast(device, dtype):
+        model(x, y, valid=valid, rule=Rule("topk", capacity=capacities.to(device)))
+    model.train()
+    return thresholds_from_topk(model.route_trace)
+
+
+def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_route, frozen=False):
+    """LM + router loss of one micro-batch, normalised by the global batch's counts (n_lm
+    target tokens, n_route routed layer x routable token pairs). `model` may be a DDP/FSDP
     wrapper; `inner` is the GPT whose route_trace the forward fills. Top-k and the
-    cos-global threshold are computed per micro-batch: they depend on the batch they see."""
-    _, lm_mean = model(x, y, valid=valid, rule=rule)
-    lm = lm_mean * int((y != -1).sum()) / n_lm
-    trace = inner.route_trace
-    if not trace:
+    cos-global cut are per micro-batch: they depend on the batch they see. With the
+    backbone frozen (router warm-up), the routers learn from the BCE alone.
+    Returns (loss, LM loss, per-layer label fractions or None)."""
+    _, lm_sum = model(x, y, valid=valid, rule=rule, reduction="sum")
+    lm = lm_sum / n_lm
+    traces = inner.route_trace
+    if not traces:
         return lm, lm, None
-    valids = [t["valid"] for t in trace]
-    caps, labels = None, None
-    if cfg.labels in ("cos", "cos-global"):
-        labels, caps = similarity_labels([t["sim"] for t in trace], valids, cfg.labels, rule.capacity, c_bar)
-    elif cfg.labels == "self":
-        labels = [t["sel"] for t in trace]
-    loss = lm
-    if labels is not None:
-        loss = loss + cfg.router_lambda * router_bce([t["p"] for t in trace], labels, valids)[0] / n_route
-    if cfg.predictor:  # MoD: the causal predictor learns the (non-causal) top-k decision
-        loss = loss + router_bce([t["q"] for t in trace], [t["sel"] for t in trace], valids)[0] / n_route
-    return loss, lm, caps
+    labels, frac = None, None
+    if cfg.labels != "none":
+        ties = "skip" if cfg.capacity_split == "labels" else "run"
+        labels, frac = make_labels(traces, cfg.labels, label_capacity, ties)
+    route = router_loss(traces, labels, n_route, cfg.router_lambda, cfg.predictor)
+    return (route if frozen else lm + route), lm, frac
 
 
 # the flags that decide the model's shape: a resume must not change them
 ARCHITECTURE_FLAGS = ("init_from", "drop", "shortgpt_drop", "placement", "n_new", "every_k", "trim", "after",
-                      "init", "freeze_original", "route", "routed", "kv_policy", "gate", "predictor")
+                      "init", "freeze_original", "route", "routed", "dense_first", "dense_last", "sink_tokens",
+                      "kv_policy", "gate", "predictor")
 
 
 def check_same_architecture(cfg, saved, path):
@@ -261,21 +377,204 @@ def save_checkpoint(path, model, optimizer, cfg, state, master):
     })
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
-    distributed = "RANK" in os.environ
+class Trainer:
+    """One run: the model and its DDP/FSDP wrapper, the optimizer, the capacity schedule,
+    the data and the log. `run` is the loop; `step` is one optimizer step."""
+
+    def __init__(self, cfg, model, train_data, val_data, resume, rank, world, device):
+        self.cfg, self.model, self.train_data, self.val_data = cfg, model, train_data, val_data
+        self.rank, self.world, self.device, self.master = rank, world, device, rank == 0
+        self.dtype = train_dtype(cfg.dtype, device)
+        self.routed = model.config.routed_ids()
+        self.sched = CapacitySchedule(len(self.routed), cfg.capacity_start, cfg.capacity_end,
+                                      warmup=round(cfg.route_warmup * cfg.max_steps),
+                                      anneal=round(cfg.route_anneal * cfg.max_steps), split=cfg.capacity_split)
+        # calibrated thresholds replace top-k at inference; the threshold rule needs none
+        self.calibrating = bool(self.routed) and cfg.train_rule == "topk" and not cfg.predictor
+        self.frozen = False
+        self.train_model = self.wrap(model)
+        # made after sharding, so under FSDP the optimizer holds the shards
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.router_lr_scale, cfg.new_lr_scale), lr=cfg.lr,
+                                           betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                           fused=device.startswith("cuda"))
+        self.start_step = 0
+        if resume:
+            self.restore(resume)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        rows = val_data.val_rows(cfg.eval_rows + cfg.calib_rows)
+        self.eval_rows, self.calib_rows = rows[:cfg.eval_rows], rows[cfg.eval_rows:] if cfg.calib_rows else []
+        if self.calibrating and len(self.calib_rows) == 0:   # a tiny held-out split: calibrate on the eval rows
+            self.calib_rows = self.eval_rows
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if self.master else None
+        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    def wrap(self, model):
+        if self.world > 1 and self.cfg.dist == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)   # shards in place: `model` is now the FSDP module
+            return model
+        if self.world > 1:
+            return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(self.routed))
+        return model
+
+    def restore(self, resume):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.model, self.optimizer, resume["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        rng = resume["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.sched.load_state_dict(resume["schedule"])
+        self.start_step = resume["step"]
+
+    def write(self, record):
+        if self.master:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+
+    def reduce(self, values):
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def rule_at(self, step):
+        """Training's rule: nothing is skipped during the router warm-up; then top-k at
+        the schedule's per-layer capacities, or MoDification's threshold."""
+        sim = self.cfg.labels in ("cos", "cos-global")
+        if self.cfg.train_rule == "threshold":
+            return Rule("all" if step < self.sched.warmup else "threshold", self.cfg.threshold, similarity=sim)
+        return Rule("topk", capacity=self.sched.capacities(step).to(self.device), similarity=sim)
+
+    def set_lr(self, step):
+        lr = lr_at(step, self.cfg)
+        caps = self.sched.capacities(step).tolist()
+        scales = dict(zip(self.routed, dynamic_lr_scales(caps))) if self.cfg.dynamic_lr and self.routed else {}
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * scales.get(group["layer"], 1.0) * group["scale"]
+        return lr, caps
+
+    def step(self, step):
+        cfg, model = self.cfg, self.model
+        frozen = cfg.warmup_freeze and step < self.sched.warmup
+        if frozen != self.frozen:
+            set_backbone_trainable(model, not frozen)
+            self.frozen = frozen
+        lr, caps = self.set_lr(step)
+        rule, label_capacity = self.rule_at(step), self.sched.label_capacity(step)
+        rows = self.train_data.rows_at(step, cfg.batch_size * cfg.grad_accum * self.world, cfg.seed)
+        batches = [self.train_data.batch(rows[(self.rank * cfg.grad_accum + m) * cfg.batch_size:][:cfg.batch_size])
+                   for m in range(cfg.grad_accum)]
+        r = model.config.route_sink_tokens
+        routable = [int(routable_tokens(v, torch.arange(v.size(1)), r).sum()) for _, _, v in batches]
+        n_lm, n_route = self.reduce([sum(int((y != -1).sum()) for _, y, _ in batches),
+                                     sum(routable) * len(self.routed)]).tolist()
+        totals, frac_sum = torch.zeros(4, dtype=torch.float64), torch.zeros(len(self.routed), dtype=torch.float64)
+        for m, (x, y, valid) in enumerate(batches):
+            x, y, valid = x.to(self.device), y.to(self.device), valid.to(self.device)
+            last = m == cfg.grad_accum - 1
+            sync = self.train_model.no_sync() if self.world > 1 and cfg.dist == "ddp" and not last else nullcontext()
+            with sync, autocast(self.device, self.dtype):
+                loss, lm, frac = micro_loss(self.train_model, model, x, y, valid, rule, cfg, label_capacity,
+                                            n_lm, max(1.0, n_route), self.frozen)
+                # DDP/FSDP average gradients over ranks; the loss is already a global mean
+                (loss * self.world).backward()
+            traces = model.route_trace
+            ran = float(executed_fraction(traces, model.config.n_layer, int(valid.sum()))) * int(valid.sum())
+            totals += torch.tensor([float(loss.detach()), float(lm.detach()), ran, int(valid.sum())],
+                                   dtype=torch.float64)
+            if frac is not None:   # weighted by the micro-batch's routable tokens
+                frac_sum += frac.detach().double().cpu() * routable[m]
+        step_loss, step_lm, ran, n_valid = self.reduce(totals.tolist()).tolist()
+        if not math.isfinite(step_loss):
+            if self.master:
+                print(f"error: loss is {step_loss} at step {step}; stopping. The last good checkpoint "
+                      f"({self.ckpt_path}) is kept.", file=sys.stderr)
+            sys.exit(1)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if cfg.labels in ("cos", "cos-global") and self.routed:
+            self.sched.update(self.reduce(frac_sum.tolist()) / max(1.0, n_route / len(self.routed)))
+        return {"step": step + 1, "loss": step_lm, "router_loss": step_loss - step_lm, "lr": lr,
+                "c_bar": self.sched.global_capacity(step), "exec_frac_train": ran / n_valid, "caps": caps}
+
+    def calibrate(self, step):
+        caps = self.sched.capacities(step)
+        return calibrate(self.model, self.val_data, self.calib_rows, caps, self.device, self.dtype)
+
+    def log_eval(self, step):
+        """Held-out loss with the inference rule sample.py uses: calibrated thresholds first."""
+        cfg = self.cfg
+        if self.calibrating:   # on every rank: FSDP's forward is collective
+            self.model.config.route_threshold = self.calibrate(step)
+        result = evaluate(self.model, self.val_data, self.eval_rows, self.model.default_rule(), cfg.batch_size,
+                          self.device, self.dtype, labels=cfg.labels if self.routed else None,
+                          label_capacity=self.sched.label_capacity(step))
+        record = {"step": step, **{k: v for k, v in result.items() if not k.startswith("row_")}}
+        if self.calibrating:
+            record["thresholds"] = list(self.model.config.route_threshold)
+        self.write(record)
+        return record
+
+    def save(self, step):
+        save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.cfg,
+                        {"step": step, "schedule": self.sched.state_dict()}, self.master)
+
+    def run(self):
+        cfg = self.cfg
+        bar = tqdm(range(self.start_step, cfg.max_steps), initial=self.start_step, total=cfg.max_steps,
+                   disable=not self.master, dynamic_ncols=True)
+        t0, tokens, record = time.time(), 0, {}
+        for step in bar:
+            if step % cfg.eval_every == 0:
+                self.log_eval(step)
+            record = self.step(step)
+            tokens += cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len
+            record["tok_s"] = tokens / (time.time() - t0)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_s']:.0f}",
+                            exec=f"{record['exec_frac_train']:.3f}")
+            self.write(record)
+            if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
+                self.save(step + 1)
+        if self.calibrating:   # the thresholds ship in the checkpoint: sample.py and bench.py use them
+            self.model.config.route_threshold = self.calibrate(cfg.max_steps)
+        self.save(cfg.max_steps)
+        result = self.log_eval(cfg.max_steps)
+        if self.master:
+            self.log.close()
+            summary = {k: result[k] for k in ("val_loss", "val_se", "exec_frac_infer")}
+            summary["exec_frac_train"] = record.get("exec_frac_train")
+            print(json.dumps(summary))
+        return result
+
+
+def init_distributed(cfg):
+    """(rank, world, device); under torchrun, one process per GPU (or per CPU process)."""
     rank, world = 0, 1
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" in os.environ:
+        dist.init_process_group(process_group_backend())
         rank, world = dist.get_rank(), dist.get_world_size()
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and distributed:
+    if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    master = rank == 0
+    return rank, world, device
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = init_distributed(cfg)
     torch.manual_seed(cfg.seed)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-
     try:
         resume = weights.load_checkpoint(ckpt_path) if cfg.resume and os.path.exists(ckpt_path) else None
         if resume:
@@ -285,146 +584,14 @@ def main(argv=None):
         calibration = [(x, valid) for x, _, valid in
                        [train_data.batch(train_data.rows_at(0, cfg.batch_size, cfg.seed + 1))]]
         model = weights.model_from_checkpoint(resume) if resume else build_model(cfg, calibration)
+        if cfg.seq_len > model.config.block_size:
+            raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model.config.block_size}")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    model.to(device)
-    n_routed = len(model.config.routed_ids())
-    caps = resume["caps"] if resume else [cfg.capacity_start] * n_routed
-    start_step = resume["step"] if resume else 0
-
-    train_model = model
-    if distributed and cfg.dist == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)   # shards in place: `model` is now the FSDP module
-    elif distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=n_routed > 0)
-    # the optimizer is made after sharding, so under FSDP it holds the shards
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.router_lr_scale), lr=cfg.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
-    if resume:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, resume["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        torch.set_rng_state(resume["rng"]["torch"])
-        np.random.set_state(resume["rng"]["numpy"])
-        random.setstate(resume["rng"]["python"])
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    routed_layers = model.config.routed_ids()
-
-    def evaluate(rule):
-        """Held-out loss and, per layer, the fraction of tokens that ran its routed part."""
-        model.eval()
-        rows = val_data.val_rows(cfg.eval_rows)
-        loss_sum, count, tokens = 0.0, 0, 0
-        ran = [0.0] * model.config.n_layer
-        with torch.no_grad(), autocast:
-            for i in range(0, len(rows), cfg.batch_size):
-                x, y, valid = (t.to(device) for t in val_data.batch(rows[i:i + cfg.batch_size]))
-                _, loss = model(x, y, valid=valid, rule=rule)
-                n = int((y != -1).sum())
-                loss_sum, count, tokens = loss_sum + float(loss) * n, count + n, tokens + int(valid.sum())
-                routed = {t["layer"]: int(t["sel"].sum()) for t in model.route_trace}
-                for layer in range(model.config.n_layer):
-                    ran[layer] += routed.get(layer, int(valid.sum()))
-        model.train()
-        return loss_sum / count, [r / tokens for r in ran]
-
-    def log_eval(step):
-        val_loss, per_layer = evaluate(infer_rule)   # on every rank: FSDP's forward is collective
-        record = {"step": step, "val_loss": val_loss, "exec_frac_infer": sum(per_layer) / len(per_layer),
-                  "exec_per_layer": per_layer}
-        if master:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        return record
-
-    def train_rule(c):
-        if cfg.train_rule == "threshold":
-            return Rule("threshold", cfg.threshold, similarity=cfg.labels.startswith("cos"))
-        return Rule("topk", capacity=tuple(c), similarity=cfg.labels.startswith("cos"))
-
-    infer_rule = Rule("threshold", cfg.threshold, use_predictor=cfg.predictor)
-    model.train()
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
-               disable=not master, dynamic_ncols=True)
-    t0, tokens_seen = time.time(), 0
-    for step in bar:
-        if step % cfg.eval_every == 0:
-            log_eval(step)
-        c_bar = annealed_capacity(step, cfg.capacity_start, cfg.capacity_end, cfg.capacity_steps)
-        lr = lr_at(step, cfg)
-        scales = dict(zip(routed_layers, dynamic_lr_scales(caps) if cfg.dynamic_lr and caps else []))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scales.get(group["layer"], 1.0) * group.get("scale", 1.0)
-        rows = train_data.rows_at(step, global_batch, cfg.seed)
-        batches = [train_data.batch(rows[(rank * cfg.grad_accum + m) * cfg.batch_size:][:cfg.batch_size])
-                   for m in range(cfg.grad_accum)]
-        counts = torch.tensor([sum(int((b[1] != -1).sum()) for b in batches),
-                               sum(int(b[2].sum()) for b in batches) * n_routed], dtype=torch.float64)
-        if distributed:
-            dist.all_reduce(counts)
-        n_lm, n_route = float(counts[0]), max(1.0, float(counts[1]))
-        rule = train_rule(caps)
-        step_loss, step_lm, new_caps, ran = 0.0, 0.0, [], 0.0
-        for m, (x, y, valid) in enumerate(batches):
-            x, y, valid = x.to(device), y.to(device), valid.to(device)
-            last = m == cfg.grad_accum - 1
-            sync = train_model.no_sync() if distributed and cfg.dist == "ddp" and not last else nullcontext()
-            with sync, autocast:
-                loss, lm, micro_caps = micro_losses(train_model, model, x, y, valid, rule, cfg, c_bar,
-                                                    n_lm, n_route)
-                # DDP/FSDP average gradients over ranks; the loss is already a global mean
-                (loss * world).backward()
-            step_loss, step_lm = step_loss + float(loss.detach()), step_lm + float(lm.detach())
-            ran += sum(int(t["sel"].sum()) for t in model.route_trace)
-            if micro_caps is not None:   # weighted by the micro-batch's real tokens
-                new_caps.append(torch.tensor(micro_caps, dtype=torch.float64) * int(valid.sum()))
-            tokens_seen += int(valid.sum()) * world
-        stepped = torch.tensor([step_loss, step_lm, ran], dtype=torch.float64)
-        if distributed:
-            dist.all_reduce(stepped)
-        step_loss, step_lm, ran = (float(v) for v in stepped)
-        if not math.isfinite(step_loss):
-            if master:
-                print(f"error: loss is {step_loss} at step {step}; stopping. The last good checkpoint "
-                      f"({ckpt_path}) is kept.", file=sys.stderr)
-            sys.exit(1)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        next_bar = annealed_capacity(step + 1, cfg.capacity_start, cfg.capacity_end, cfg.capacity_steps)
-        if new_caps:   # cos-global: the labels' per-layer capacities drive the next top-k
-            summed = torch.stack(new_caps).sum(0)
-            if distributed:
-                dist.all_reduce(summed)
-            caps = (summed / (n_route / n_routed)).tolist()
-        caps = rescale_capacities(caps, next_bar) if n_routed else caps
-        frac = (model.config.n_layer - n_routed + n_routed * ran / n_route) / model.config.n_layer
-        tok_s = tokens_seen / (time.time() - t0)
-        if master:
-            bar.set_postfix(loss=f"{step_lm:.3f}", tok_s=f"{tok_s:.0f}", exec=f"{frac:.3f}")
-            log.write(json.dumps({"step": step + 1, "loss": step_lm, "router_loss": step_loss - step_lm,
-                                  "lr": lr, "c_bar": c_bar, "exec_frac_train": frac, "tok_s": tok_s,
-                                  "caps": caps}) + "\n")
-            log.flush()
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(ckpt_path, model, optimizer, cfg, {"step": step + 1, "caps": caps}, master)
-    result = log_eval(cfg.max_steps)
-    if master:
-        log.close()
-        print(json.dumps({k: v for k, v in result.items() if k != "exec_per_layer"}))
-    if distributed:
+    result = Trainer(cfg, model.to(device), train_data, val_data, resume, rank, world, device).run()
+    if world > 1:
         dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import torch
 
 import dlo
 from conftest import tiny_model
-from model import rope_tables
+from model import Context, rope_tables
 from router import Rule
 
 ALL = Rule(kind="topk", capacity=(1.0,) * 64)
@@ -132,7 +132,7 @@ def test_shortgpt_drops_the_lowest_measured_bi():
     # BI is measured, not assumed: it matches a hand computation for layer 0
     with torch.no_grad():
         h = model.embed_tokens(x)
-        out, _ = model.layers[0](h, rope_tables(torch.arange(12).expand(3, 12), 8, 10000.0, h.dtype),
-                                 valid, None, None, 0)
+        rope = rope_tables(torch.arange(12).expand(3, 12), 8, 10000.0, h.dtype)
+        out, _ = model.layers[0](h, Context(rope, valid, valid, None, None, causal_only=True), 0)
     manual = 1 - float(torch.nn.functional.cosine_similarity(h, out, dim=-1).mean())
     assert abs(bi[0] - manual) < 1e-6

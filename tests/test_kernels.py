@@ -159,10 +159,116 @@ def test_routed_model_same_logits_with_kernels_and_references(monkeypatch):
     monkeypatch.setattr(kernels, "route_gather_triton", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
     with torch.no_grad():
         fused, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5))
-        fused_sel = [t["sel"] for t in model.route_trace]
+        fused_sel = [t.sel for t in model.route_trace]
         kernels.FORCE_TRITON = False
         ref, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5))
     assert len(calls) == len(model.route_trace) > 0          # every routed layer took the kernels
-    assert all(torch.equal(a, t["sel"]) for a, t in zip(fused_sel, model.route_trace))
+    assert all(torch.equal(a, t.sel) for a, t in zip(fused_sel, model.route_trace))
     assert 0 < sum(int(s.sum()) for s in fused_sel) < len(fused_sel) * int(valid.sum())
     assert (fused[valid] - ref[valid]).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- route + MLP
+
+I, GAP = 72, 0.05   # tiles of 32 rows of I: the last one masks 24
+SYNCS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero"}   # torch 2.13's names
+
+
+def mlp_inputs(seed=0, n=N, c=C, i=I):
+    g = torch.Generator().manual_seed(seed)
+    x, h = torch.randn(n, c, generator=g), torch.randn(n, c, generator=g) * 3
+    w, nw = torch.randn(1, c, generator=g) / c ** 0.5, torch.rand(c, generator=g) + 0.5
+    valid = torch.rand(n, generator=g) > 0.25
+    gate, up = torch.randn(i, c, generator=g) / c ** 0.5, torch.randn(i, c, generator=g) / c ** 0.5
+    down = torch.randn(c, i, generator=g) / i ** 0.5   # nn.Linear layout: (out, in)
+    return x, h, w, nw, valid, (gate, up, down)
+
+
+def check_route_mlp(x, h, w, nw, valid, mlp, threshold, inplace=False):
+    before = h.clone()
+    ref, p_ref, sel_ref = kernels.route_mlp_reference(x, before, w, nw, EPS, threshold, valid, *mlp, GAP)
+    out, p, sel = kernels.route_mlp_triton(x, h, w, nw, EPS, threshold, valid, *mlp, GAP, inplace=inplace)
+    assert p.dtype == torch.float32 and sel.dtype == torch.bool
+    assert torch.allclose(p, p_ref, atol=1e-6) and torch.equal(sel, sel_ref)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)     # fp32, summed in another order
+    assert torch.equal(out[~sel], before[~sel])               # skipped rows are exactly h
+    if valid is not None:
+        assert not sel[~valid].any()                          # padding never runs
+    if inplace:
+        assert out.data_ptr() == h.data_ptr()
+    else:
+        assert torch.equal(h, before)
+    return sel
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("threshold, expect", [(0.5, "some"), (0.0, "all"), (1.01, "none")])
+def test_route_mlp_equals_reference(threshold, expect, as_tensor, padded, inplace):
+    x, h, w, nw, valid, mlp = mlp_inputs()
+    valid = valid if padded else None
+    sel = check_route_mlp(x, h, w, nw, valid, mlp, torch.tensor(threshold) if as_tensor else threshold, inplace)
+    everyone = valid if padded else torch.ones(N, dtype=torch.bool)
+    if expect == "all":
+        assert torch.equal(sel, everyone)
+    elif expect == "none":
+        assert not sel.any()
+    else:
+        assert 0 < int(sel.sum()) < int(everyone.sum())
+
+
+def test_route_mlp_wide_rows_loop_over_chunks():
+    """C = 300 and I = 200 take several 128-wide chunks, the last one masked, in both kernels."""
+    x, h, w, nw, valid, mlp = mlp_inputs(1, n=5, c=300, i=200)
+    assert check_route_mlp(x, h, w, nw, valid, mlp, 0.5).any()
+
+
+def test_route_mlp_reference_is_the_block_mlp():
+    """The reference against model.MLP, model.RMSNorm and router.Router in the dense, masked
+    form of Block.mlp_routed: the same ops, so the same bits."""
+    from conftest import tiny_config
+    from model import MLP
+    from router import Router, dlo_gate
+    x, h, w, nw, valid, (wg, wu, wd) = mlp_inputs(2)
+    cfg = tiny_config(n_embd=C, n_head=5, n_kv_head=1, intermediate_size=I)
+    mlp, norm, router = MLP(cfg), RMSNorm(C, EPS), Router(C)
+    with torch.no_grad():
+        for param, value in ((mlp.gate_proj.weight, wg), (mlp.up_proj.weight, wu), (mlp.down_proj.weight, wd),
+                             (norm.weight, nw), (router.weight, w)):
+            param.copy_(value)
+        p = torch.sigmoid(router(x))   # Router returns the fp32 logit
+        sel = (p >= 0.5) & valid
+        expect = h + (sel * dlo_gate(p, GAP)).unsqueeze(-1) * mlp(norm(h))
+        out, p_ref, sel_ref = kernels.route_mlp_reference(x, h, w, nw, EPS, 0.5, valid, wg, wu, wd, GAP)
+    assert 0 < int(sel.sum()) < int(valid.sum())
+    assert torch.equal(p_ref, p) and torch.equal(sel_ref, sel) and torch.equal(out, expect)
+
+
+def event_names(fn):
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_route_mlp_never_syncs_the_host(monkeypatch):
+    """route_gather_triton must read M back to size its rows; route_mlp reads nothing back."""
+    x, h, w, nw, valid, mlp = mlp_inputs()
+    calls = []
+    launch = kernels.route_mlp_triton
+    monkeypatch.setattr(kernels, "route_mlp_triton", lambda *a: calls.append(1) or launch(*a))
+    for threshold in (0.5, torch.tensor(0.5)):
+        names = event_names(lambda: kernels.route_mlp(x, h, w, nw, EPS, threshold, valid, *mlp, GAP))
+        assert "aten::clone" in names and not names & SYNCS   # the profiler saw the call, and no sync in it
+    assert len(calls) == 2                                    # the kernels ran, not the reference
+    names = event_names(lambda: kernels.route_gather_triton(x, h, w, nw, EPS, threshold=0.5, valid=valid))
+    assert names & {"aten::item", "aten::_local_scalar_dense"}
+
+
+def test_route_mlp_autograd_takes_the_reference_and_gets_gradients():
+    x, h, w, nw, valid, (wg, wu, wd) = mlp_inputs()
+    w.requires_grad_()
+    wd.requires_grad_()
+    out, p, sel = kernels.route_mlp(x, h, w, nw, EPS, 0.5, valid, wg, wu, wd, GAP)
+    out.sum().backward()
+    assert w.grad.abs().sum() > 0 and wd.grad.abs().sum() > 0   # g(p) carries the router's gradient

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import model as model_module
 from conftest import tiny_model
 from router import Rule
 
@@ -98,20 +99,41 @@ def test_sampling_is_seeded_and_topk_restricts():
     assert top1 == model.generate([[1, 2]], 12)[0]   # top-1 sampling is greedy
 
 
-def test_loss_ignores_minus_one_targets():
-    model = tiny_model()
+@pytest.mark.parametrize("chunk", [4096, 5])
+def test_loss_only_on_targets_in_chunks(monkeypatch, chunk):
+    """The loss never materialises all logits: it runs the head on target positions only,
+    a chunk at a time (recomputed in backward), and equals plain cross-entropy, in value
+    and in gradient, for every reduction."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK", chunk)
+    model = tiny_model().train()
     idx = torch.randint(0, 97, (2, 9))
     targets = torch.randint(0, 97, (2, 9))
     targets[:, :4] = -1
-    logits, loss = model(idx, targets)
-    manual = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 97), targets[:, 4:].reshape(-1))
-    assert torch.allclose(loss, manual)
-    assert logits.shape == (2, 9, 97)
+    targets[1, 7] = -1
+    logits, _ = model(idx)
+    keep = targets != -1
+    manual = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
+    none, mean = model(idx, targets, reduction="none"), model(idx, targets)
+    assert none[0] is None and mean[0] is None
+    assert torch.allclose(none[1][keep], manual, atol=1e-6) and (none[1][~keep] == 0).all()
+    assert torch.allclose(mean[1], manual.mean(), atol=1e-6)
+    mean[1].backward()
+    got = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    manual.mean().backward()
+    assert torch.allclose(got, model.lm_head.weight.grad, atol=1e-6)
+
+
+def test_right_padding_is_required_without_a_cache():
+    model = tiny_model()
+    valid = torch.tensor([[False, True, True]])
+    with pytest.raises(ValueError, match="right-padded"):
+        model(torch.zeros(1, 3, dtype=torch.long), valid=valid)
 
 
 def test_too_long_prompt_is_a_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="context of 64 tokens"):
         model.generate([[1] * 60], 10)
-    with pytest.raises(ValueError, match="context is 64"):
+    with pytest.raises(ValueError, match="context of 64"):
         model(torch.zeros(1, 65, dtype=torch.long))

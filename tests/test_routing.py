@@ -7,9 +7,9 @@ import torch
 
 import dlo
 from conftest import tiny_model
-from router import (Rule, annealed_capacity, dynamic_lr_scales, rescale_capacities, router_bce,
+from router import (CapacitySchedule, Rule, Trace, dynamic_lr_scales, make_labels, router_loss,
                     select_threshold, select_topk, similarity_labels)
-from model import rope_tables
+from model import Context, rope_tables
 from test_model import cached_logits, full_logits
 
 
@@ -30,7 +30,7 @@ def test_cached_decode_equals_full_forward_with_routing(route, policy):
     rule = Rule(kind="threshold", threshold=0.5)
     for got, prompt in zip(cached_logits(model, prompts, rule), prompts):
         want = full_logits(model, prompt, rule)
-        frac = float(torch.cat([t["sel"].float().flatten() for t in model.route_trace]).mean())
+        frac = float(torch.cat([t.sel.float().flatten() for t in model.route_trace]).mean())
         assert 0.2 < frac < 0.8, "the test must route some tokens and skip others"
         assert (got - want).abs().max() < 1e-4
 
@@ -41,9 +41,9 @@ def test_drop_policy_stores_and_attends_no_skipped_kv():
     model.setup_caches(1, 12)
     model(idx, input_pos=torch.arange(12))
     for t in model.route_trace:
-        cache = model.layers[t["layer"]].self_attn.kv_cache
-        skipped = ~t["sel"][0]
-        assert torch.equal(cache.valid[0], t["sel"][0])            # never attended to
+        cache = model.layers[t.layer].self_attn.kv_cache
+        skipped = ~t.sel[0]
+        assert torch.equal(cache.valid[0], t.sel[0])               # never attended to
         assert cache.k[0][:, skipped].abs().sum() == 0             # never stored
         assert cache.v[0][:, skipped].abs().sum() == 0
     model.clear_caches()
@@ -59,7 +59,7 @@ def test_skipped_token_kv_is_not_attended_under_drop():
         model.layers[1].router.weight.normal_(0, 0.5)
     idx = torch.randint(0, 97, (1, 12))
     model(idx)
-    sel = model.route_trace[0]["sel"][0]
+    sel = model.route_trace[0].sel[0]
     j = int((~sel[:-1]).nonzero()[0, 0])        # a skipped token with later tokens after it
     base = model(idx)[0]
     attn = model.layers[1].self_attn
@@ -87,38 +87,119 @@ def test_topk_keeps_ties_and_never_selects_padding():
     assert select_threshold(p, torch.ones(1, 3, dtype=torch.bool), 0.5).tolist() == [[False, True, True]]
 
 
+def traces_of(sims, valids):
+    return [Trace(i, torch.zeros_like(s), v.clone(), v, v, s) for i, (s, v) in enumerate(zip(sims, valids))]
+
+
 def test_cos_global_labels_hit_the_global_capacity():
     g = torch.Generator().manual_seed(0)
     sims = [torch.rand(3, 20, generator=g) for _ in range(5)]
     valids = [torch.rand(3, 20, generator=g) > 0.2 for _ in range(5)]
     n = sum(int(v.sum()) for v in valids)
     for cap in (1.0, 0.9, 0.5, 0.13):
-        labels, caps = similarity_labels(sims, valids, "cos-global", global_capacity=cap)
+        labels, frac = similarity_labels(traces_of(sims, valids), "cos-global", cap)
         assert sum(int(l.sum()) for l in labels) == math.ceil(cap * n)   # distinct sims: exact
         assert all(not (l & ~v).any() for l, v in zip(labels, valids))
-        weighted = sum(c * int(v.sum()) for c, v in zip(caps, valids)) / n
-        assert abs(weighted - math.ceil(cap * n) / n) < 1e-9
+        weighted = sum(float(f) * int(v.sum()) for f, v in zip(frac, valids)) / n
+        assert abs(weighted - math.ceil(cap * n) / n) < 1e-6
         # labelled tokens are the least similar ones: every 1 is below every 0
         ones = torch.cat([s[l] for s, l in zip(sims, labels)])
         zeros = torch.cat([s[v & ~l] for s, v, l in zip(sims, valids, labels)])
         assert zeros.numel() == 0 or ones.max() < zeros.min()
 
 
+def test_cos_global_labels_a_zero_branch_skip():
+    """A layer whose branch returns exactly 0 has s = 1.0 for every token: the tie at the
+    cut is labelled skip (0), even if that leaves the labels under capacity; DLO's official
+    cut (ties run) labels every pair 1 here."""
+    g = torch.Generator().manual_seed(1)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    sims = [torch.rand(2, 10, generator=g) * 0.5, torch.ones(2, 10), torch.rand(2, 10, generator=g) * 0.5]
+    labels, frac = similarity_labels(traces_of(sims, [valid] * 3), "cos-global", 0.9)
+    assert not labels[1].any() and labels[0].all() and labels[2].all()
+    assert frac.tolist() == [1.0, 0.0, 1.0]
+    official, _ = similarity_labels(traces_of(sims, [valid] * 3), "cos-global", 0.9, ties="run")
+    assert all(l.all() for l in official)
+
+
 def test_cos_labels_per_layer():
     sims = [torch.tensor([[0.1, 0.9, 0.5, 0.7]])]
-    labels, _ = similarity_labels(sims, [torch.ones(1, 4, dtype=torch.bool)], "cos", capacities=[0.5])
+    labels, _ = similarity_labels(traces_of(sims, [torch.ones(1, 4, dtype=torch.bool)]), "cos", 0.5)
     assert labels[0].tolist() == [[True, False, True, False]]
 
 
-def test_bce_capacity_schedules():
-    p = [torch.tensor([[0.5, 0.5]])]
-    total, count = router_bce(p, [torch.tensor([[True, False]])], [torch.ones(1, 2, dtype=torch.bool)])
-    assert count == 2 and abs(float(total) - 2 * math.log(2)) < 1e-6
-    assert annealed_capacity(0) == 1.0 and abs(annealed_capacity(500) - 0.95) < 1e-12
-    assert annealed_capacity(5000) == 0.9
-    caps = rescale_capacities([0.8, 1.0, 0.9], 0.8)
-    assert abs(sum(caps) / 3 - 0.8) < 1e-9
+def test_router_loss_is_bce_on_logits_over_routable_tokens():
+    logit = torch.tensor([[0.0, 2.0, -1.0]], requires_grad=True)
+    routable = torch.tensor([[True, True, False]])
+    trace = Trace(0, logit, routable, torch.ones(1, 3, dtype=torch.bool), routable)
+    labels = [torch.tensor([[True, False, True]])]
+    loss = router_loss([trace], labels, n_route=2)
+    want = (math.log(2) + math.log(1 + math.exp(2.0))) / 2
+    assert abs(float(loss.detach()) - want) < 1e-6
+    loss.backward()
+    assert logit.grad[0, 2] == 0   # a sink or padding token takes no part
+
+
+def test_router_loss_is_autocast_safe():
+    """CUDA autocast raises on binary_cross_entropy by design; the loss must come from
+    logits and be computed in fp32 even inside an autocast region."""
+    logit = torch.randn(2, 5, dtype=torch.bfloat16).float().requires_grad_()
+    v = torch.ones(2, 5, dtype=torch.bool)
+    trace = Trace(0, logit, v, v, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = router_loss([trace], [torch.rand(2, 5) > 0.5], n_route=10)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    import router
+    assert "binary_cross_entropy(" not in open(router.__file__).read().replace("binary_cross_entropy_with", "")
+
+
+def test_capacity_schedule_warmup_anneal_and_split():
+    s = CapacitySchedule(3, start=1.0, end=0.8, warmup=10, anneal=20)
+    assert [s.global_capacity(t) for t in (0, 9, 10, 20, 30, 99)] == [1.0, 1.0, 1.0, 0.9, 0.8, 0.8]
+    assert s.capacities(25).tolist() == [s.global_capacity(25)] * 3        # no labels seen yet: uniform
+    s.update(torch.tensor([1.0, 0.4, 1.0], dtype=torch.float64))                              # labels skip only in layer 1
+    assert s.capacities(5).tolist() == [1.0, 1.0, 1.0]                     # warm-up: nothing skipped
+    caps = s.capacities(30)
+    assert caps.tolist()[0] == 1.0 and caps.tolist()[2] == 1.0             # "run all" layers keep 1.0
+    assert abs(float(caps.mean()) - 0.8) < 1e-12 and abs(float(caps[1]) - 0.4) < 1e-12
+    official = CapacitySchedule(3, start=1.0, end=0.8, warmup=0, anneal=20, split="rescale")
+    official.update(torch.tensor([1.0, 0.4, 1.0], dtype=torch.float64))
+    assert official.capacities(10).tolist()[0] < 1.0 or official.capacities(10).tolist()[1] > 0.4
     assert abs(sum(dynamic_lr_scales([0.5, 1.0, 0.9])) / 3 - 1.0) < 1e-12
+
+
+def test_sinks_never_skip():
+    """The first r positions of each row run every routed layer under top-k in training,
+    the threshold at inference, and in cached decode; they take no part in the top-k count."""
+    model = dlo.activate(tiny_model(), "mlp", sink_tokens=2)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.router.weight.normal_(0, 0.5)
+    idx = torch.randint(0, 97, (3, 12))
+    valid = torch.arange(12)[None] < torch.tensor([[12], [7], [1]])
+    for rule in (Rule("topk", capacity=torch.full((4,), 0.1, dtype=torch.float64)), Rule("threshold", 1.01)):
+        model(idx, valid=valid, rule=rule)
+        for t in model.route_trace:
+            assert bool(t.sel[:, :2][valid[:, :2]].all())
+            assert not (t.sel & ~valid).any()
+            routed = int((t.sel & t.routable).sum())
+            assert routed == (0 if rule.kind == "threshold" else math.ceil(0.1 * int(t.routable.sum())))
+    model.generate([[5]], 4, rule=Rule("threshold", 1.01))   # a one-token prompt: decode positions 1, 2, 3
+    assert model.route_trace[0].sel.tolist() == [[False]]         # the last decode step, position 3
+    stream = model.generate_stream([[5]], 2, rule=Rule("threshold", 1.01))
+    _, _, ran = next(stream)
+    assert ran.all()                                               # the prompt token (position 0) ran all
+    _, _, ran = next(stream)
+    assert ran.all()                                               # position 1 is a sink too
+
+
+def test_labels_follow_the_mode():
+    g = torch.Generator().manual_seed(2)
+    v = torch.ones(2, 6, dtype=torch.bool)
+    sims = [torch.rand(2, 6, generator=g) for _ in range(2)]
+    traces = traces_of(sims, [v, v])
+    labels, frac = make_labels(traces, "self", 0.5)
+    assert frac is None and all(torch.equal(l, t.sel) for l, t in zip(labels, traces))
 
 
 def test_mod_topk_routes_exactly_topk_at_original_positions():
@@ -134,17 +215,18 @@ def test_mod_topk_routes_exactly_topk_at_original_positions():
     positions = torch.arange(T)[None]
     rope = rope_tables(positions, 8, 10000.0, x.dtype)
     valid = torch.ones(1, T, dtype=torch.bool)
-    rule = Rule("topk", capacity=(0.25,))
+    rule = Rule("topk", capacity=torch.tensor([0.25], dtype=torch.float64))
     with torch.no_grad():
-        out, trace = block(x, rope, valid, None, rule, 0)
-        p = trace["p"][0]
+        out, trace = block(x, Context(rope, valid, valid, None, rule, causal_only=True), 0)
+        p = trace.p[0]
         top = p.topk(4).indices.sort().values                         # k = 0.25 * 16, causal order
-        assert trace["sel"][0].nonzero().squeeze(1).tolist() == top.tolist()
+        assert trace.sel[0].nonzero().squeeze(1).tolist() == top.tolist()
         dense = dlo.activate(tiny_model(), "none").layers[1]          # the same weights, no router
         dense.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("router")})
         sub = x[:, top]
-        sub_out, _ = dense(sub, rope_tables(positions[:, top], 8, 10000.0, x.dtype),
-                           torch.ones(1, 4, dtype=torch.bool), None, rule, 0)
+        sub_valid = torch.ones(1, 4, dtype=torch.bool)
+        sub_rope = rope_tables(positions[:, top], 8, 10000.0, x.dtype)
+        sub_out, _ = dense(sub, Context(sub_rope, sub_valid, sub_valid, None, rule, causal_only=True), 0)
         want = x.clone()
         want[:, top] = sub + p[top][None, :, None] * (sub_out - sub)
     assert (out - want).abs().max() < 1e-5

@@ -34,7 +34,8 @@ def setup(tmp_path_factory):
 
 def flags(setup, out, **over):
     base = dict(init_from=setup / "model", data_dir=setup / "data", placement="interleave", n_new=2,
-                route="mlp", labels="cos-global", capacity_steps=4, capacity_end=0.6, seq_len=32, batch_size=2,
+                route="mlp", labels="cos-global", route_warmup=0.25, route_anneal=0.5, capacity_end=0.6, seq_len=32,
+                batch_size=2, dtype="float32", calib_rows=4,
                 grad_accum=4, max_steps=8, lr=3e-3, eval_every=4, eval_rows=4, ckpt_every=2, out_dir=out)
     base.update(over)
     return [f"--{k}={v}" for k, v in base.items()]

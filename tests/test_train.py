@@ -1,15 +1,16 @@
-"""Training maths: gradient accumulation is exact, and the loss pieces are what they claim."""
+"""Training maths: gradient accumulation is exact, the loss pieces are what they claim,
+and the router warm-up, capacity schedule and calibration do what they promise."""
 import pytest
 import torch
 
 import dlo
 from conftest import tiny_model
 from router import Rule
-from train import TrainConfig, micro_losses, param_groups, parse_args
+from train import TrainConfig, calibrate, micro_loss, param_groups, parse_args, row_stats
 
 
-def routed_tiny(route="mlp"):
-    model = dlo.activate(tiny_model(), route)
+def routed_tiny(route="mlp", sink_tokens=0):
+    model = dlo.activate(tiny_model(), route, sink_tokens=sink_tokens)
     torch.manual_seed(7)
     with torch.no_grad():
         for layer in model.layers:
@@ -44,7 +45,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(route):
         model = routed_tiny(route)
         total = 0.0
         for sl in chunks:
-            loss, _, _ = micro_losses(model, model, x[sl], y[sl], valid[sl], rule, cfg, 1.0, n_lm, n_route)
+            loss, _, _ = micro_loss(model, model, x[sl], y[sl], valid[sl], rule, cfg, 0.9, n_lm, n_route)
             loss.backward()
             total += float(loss.detach())
         return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -62,21 +63,75 @@ def test_router_loss_is_added_and_zero_without_labels():
     model = routed_tiny()
     x, y, valid = batch(1)
     n_lm, n_route = int((y != -1).sum()), int(valid.sum()) * 4
-    rule = Rule("topk", capacity=(0.5,) * 4, similarity=True)
-    loss, lm, caps = micro_losses(model, model, x, y, valid, rule, TrainConfig(labels="cos-global"),
-                                  0.7, n_lm, n_route)
-    assert float(loss) > float(lm) and caps is not None and abs(sum(caps) / 4 - 0.7) < 0.05
-    loss, lm, _ = micro_losses(model, model, x, y, valid, rule, TrainConfig(labels="none"), 0.7, n_lm, n_route)
-    assert float(loss) == float(lm)
+    rule = Rule("topk", capacity=torch.full((4,), 0.5, dtype=torch.float64), similarity=True)
+    loss, lm, frac = micro_loss(model, model, x, y, valid, rule, TrainConfig(labels="cos-global"), 0.7, n_lm, n_route)
+    assert float(loss.detach()) > float(lm.detach()) and frac is not None
+    n = int(valid.sum())
+    assert abs(float(frac.mean()) - 0.7) <= 1.0 / n   # the global cut hits c = 0.7 up to one token
+    loss, lm, _ = micro_loss(model, model, x, y, valid, rule, TrainConfig(labels="none"), 0.7, n_lm, n_route)
+    assert float(loss.detach()) == float(lm.detach())
+
+
+def test_frozen_warmup_trains_the_routers_alone():
+    model = routed_tiny()
+    x, y, valid = batch(2)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[2] == "router" if name.startswith("layers.") else False)
+    rule = Rule("topk", capacity=torch.ones(4, dtype=torch.float64), similarity=True)
+    loss, lm, _ = micro_loss(model, model, x, y, valid, rule, TrainConfig(labels="cos-global"), 0.8,
+                             int((y != -1).sum()), int(valid.sum()) * 4, frozen=True)
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {f"layers.{i}.router.weight" for i in range(4)}
+    assert float(loss.detach()) != float(lm.detach())
 
 
 def test_param_groups_cover_each_trainable_parameter_once():
-    model = routed_tiny()
-    groups = param_groups(model)
+    model = dlo.activate(dlo.expand(tiny_model(), "interleave", n_new=2), "mlp")
+    groups = param_groups(model, router_lr_scale=3.0, new_lr_scale=10.0)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
-    assert [g["layer"] for g in groups] == [0, 1, 2, 3, None, None]
-    assert groups[-1]["params"] == [layer.router.weight for layer in model.layers]   # the routers, on their own
+    assert [g["layer"] for g in groups] == [0, 1, 2, 3, 4, 5, None, None]
+    assert [g["scale"] for g in groups[:6]] == [1.0, 1.0, 10.0, 1.0, 1.0, 10.0]   # new layers 2 and 5
+    assert groups[-1]["params"] == [layer.router.weight for layer in model.layers] and groups[-1]["scale"] == 3.0
+
+
+class Rows:
+    """A stand-in for data.TokenData: fixed random right-padded rows."""
+
+    def __init__(self, n=12, T=16):
+        g = torch.Generator().manual_seed(5)
+        self.x = torch.randint(0, 97, (n, T), generator=g)
+        self.valid = torch.arange(T)[None] < torch.randint(4, T + 1, (n, 1), generator=g)
+        self.y = torch.where(self.valid, self.x, -1)
+
+    def batch(self, rows):
+        rows = list(rows)
+        return self.x[rows], self.y[rows], self.valid[rows]
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_calibrated_thresholds_reproduce_the_target_fractions(sinks):
+    model = routed_tiny(sink_tokens=sinks)
+    data = Rows()
+    caps = torch.tensor([1.0, 0.7, 0.5, 0.25], dtype=torch.float64)
+    thresholds = calibrate(model, data, range(12), caps, "cpu", "float32")
+    model.config.route_threshold = thresholds
+    x, y, valid = data.batch(range(12))
+    with torch.no_grad():
+        model(x, valid=valid)   # the inference rule: the calibrated thresholds
+    for t, c in zip(model.route_trace, caps.tolist()):
+        ran = int((t.sel & t.routable).sum())
+        n = int(t.routable.sum())
+        assert ran >= c * n - 1e-9 and ran < c * n + 1     # ceil(c * N) up to ties
+        assert bool(t.sel[t.valid & ~t.routable].all())    # the sinks ran
+
+
+def test_row_stats_standard_error():
+    mean, se = row_stats([2.0, 4.0], [1, 1])
+    assert mean == 3.0 and abs(se - 1.0) < 1e-12            # the SE of the mean of two rows
+    mean, se = row_stats([3.0, 3.0, 6.0], [1, 1, 2])
+    assert mean == 3.0 and se == 0.0                          # per-token means all equal
 
 
 def test_unknown_flag_suggests_the_closest(capsys):
@@ -89,3 +144,6 @@ def test_unknown_flag_suggests_the_closest(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--capacity_end", "1.5"])
     assert "(0, 1]" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--route_warmup", "0.5", "--route_anneal", "0.6"])
+    assert "at most 1" in str(e.value)
