@@ -21,11 +21,13 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 import dlo
 import kernels
 import weights
 from router import Rule
+from sample import generate, generate_stream
 
 
 def parse_args(argv=None):
@@ -78,11 +80,11 @@ def time_run(model, prompts, new_tokens, rule, repeats):
     for _ in range(repeats):
         t0 = time.perf_counter()
         ran_rows, t_first = [], None
-        for step, (_, _, ran) in enumerate(model.generate_stream(prompts, new_tokens, rule=rule)):
-            if step == 0:
+        for i, step in enumerate(generate_stream(model, prompts, new_tokens, rule=rule)):
+            if i == 0:
                 t_first = time.perf_counter()
-            elif ran is not None:
-                ran_rows.append(ran.float())
+            elif step.ran is not None:
+                ran_rows.append(step.ran.float())
         t_end = time.perf_counter()
         B = len(prompts)
         best_prefill = max(best_prefill, B * len(prompts[0]) / (t_first - t0))
@@ -114,12 +116,18 @@ def transformers_decode(model, prompt, new_tokens, repeats):
     return best
 
 
-def kernel_ratio(device):
-    """Fused Triton route+gather and scale+scatter vs the PyTorch references, on CUDA."""
+def kernel_ratios(device, model):
+    """Reference time / Triton time for each fused path, on CUDA, at SmolLM2's sizes in bf16:
+    route + gather at a training-sized batch of tokens, scale + scatter, and the
+    sync-free route + MLP at decode's batch sizes, where the reference is the host-synced
+    gather path a CUDA decode step would otherwise take."""
     if not device.startswith("cuda") or not kernels.HAS_TRITON:
         return None
-    x = torch.randn(8192, 576, device=device)
-    w, nw, y = torch.randn(576, device=device) / 24, torch.ones(576, device=device), None
+    C, I = model.config.n_embd, model.config.intermediate_size
+    mlp = model.layers[0].mlp
+    wg, wu, wd = (m.weight.to(device, torch.bfloat16) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    w, nw = torch.randn(C, device=device) / C ** 0.5, torch.ones(C, device=device, dtype=torch.bfloat16)
+
     def clock(fn):
         fn()
         torch.cuda.synchronize()
@@ -128,9 +136,25 @@ def kernel_ratio(device):
             fn()
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / 50
-    ref = clock(lambda: kernels.route_gather_reference(x, x, w, nw, 1e-5, threshold=0.5))
-    fused = clock(lambda: kernels.route_gather_triton(x, x, w, nw, 1e-5, threshold=0.5))
-    return ref / fused
+
+    def gathered(x, h):   # the decode route without the kernel: gather, MLP, scatter, one host sync
+        p, idx, rows = kernels.route_gather_reference(x, h, w, nw, 1e-5, threshold=0.5)
+        y = F.linear(F.silu(F.linear(rows, wg)) * F.linear(rows, wu), wd)
+        return kernels.scale_scatter_reference(h, idx, y, 1 + 0.05 * (p - 0.5))
+
+    x = torch.randn(8192, C, device=device, dtype=torch.bfloat16)
+    y = torch.randn(4096, C, device=device, dtype=torch.bfloat16)
+    idx = torch.arange(0, 8192, 2, device=device)
+    gate = torch.rand(8192, device=device)
+    out = {"route_gather": clock(lambda: kernels.route_gather_reference(x, x, w, nw, 1e-5, threshold=0.5))
+           / clock(lambda: kernels.route_gather_triton(x, x, w, nw, 1e-5, threshold=0.5)),
+           "scale_scatter": clock(lambda: kernels.scale_scatter_reference(x, idx, y, gate))
+           / clock(lambda: kernels.scale_scatter_triton(x, idx, y, gate))}
+    for B in (1, 8):
+        xb, hb = x[:B].clone(), x[B:2 * B].clone()
+        fused = lambda: kernels.route_mlp_triton(xb, hb, w, nw, 1e-5, 0.5, None, wg, wu, wd, 0.05)
+        out[f"route_mlp_decode_b{B}"] = clock(lambda: gathered(xb, hb)) / clock(fused)
+    return out
 
 
 def main(argv=None):
@@ -149,7 +173,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
     # routers are calibrated on the prompt and its dense greedy continuation: what decoding sees
-    calib = torch.tensor([prompt + dense.generate([prompt], args.new_tokens)[0]], device=device)
+    calib = torch.tensor([prompt + generate(dense, [prompt], args.new_tokens)[0]], device=device)
 
     rows = [("dense base", base, None), ("dense expanded", dense, None)]
     for route, policy in (("mlp", "compute"), ("block", "compute"), ("block", "drop")):
@@ -182,7 +206,7 @@ def main(argv=None):
     ours = next(r["decode_tok_s"] for r in results if r["model"] == "dense base" and r["batch"] == 1)
     extra = {"hamlet_ppl": ppl, "threads": torch.get_num_threads(), "device": device, "dtype": "float32",
              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-             "ours_over_transformers_decode": ours / hf if hf else None, "kernel_speedup": kernel_ratio(device)}
+             "ours_over_transformers_decode": ours / hf if hf else None, "kernel_speedup": kernel_ratios(device, base)}
 
     print("\n| model | batch | layers run | GFLOPs/token | KV bytes/token | prefill tok/s | decode tok/s "
           "| realized/ideal |\n|---|---|---|---|---|---|---|---|")

@@ -18,7 +18,6 @@ Notable features
   token without the cache ever losing its place
 - FLOP and KV-byte estimators that account for skipped work
 """
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -410,23 +409,22 @@ class GPT(nn.Module):
         return self.lm_head(x[:, -1:] if last_only else x), None
 
     def lm_loss(self, x, targets, reduction):
-        """Cross-entropy on the positions that carry a target only (in SFT, the assistant's
-        tokens), LOSS_CHUNK rows of fp32 logits at a time. With more than one chunk, each is
-        recomputed in the backward pass, so one chunk's logits are alive at a time."""
+        """Cross-entropy, LOSS_CHUNK rows of fp32 logits at a time; with more than one chunk,
+        each is recomputed in the backward pass, so one chunk's logits are alive at a time.
+        Eager: only the positions that carry a target go through the head (in SFT, the
+        assistant's tokens). Compiled: every position, since selecting them has a
+        data-dependent shape that would break the graph."""
         keep = targets != -1
-        h, t = x[keep], targets[keep]
-        chunk_loss = lambda hc, tc: F.cross_entropy(self.lm_head(hc).float(), tc, reduction="none")
-        if h.size(0) > LOSS_CHUNK and torch.is_grad_enabled():
-            pieces = [checkpoint(chunk_loss, h[i:i + LOSS_CHUNK], t[i:i + LOSS_CHUNK], use_reentrant=False)
-                      for i in range(0, h.size(0), LOSS_CHUNK)]
-        else:
-            pieces = [chunk_loss(h[i:i + LOSS_CHUNK], t[i:i + LOSS_CHUNK]) for i in range(0, h.size(0), LOSS_CHUNK)]
+        static = torch.compiler.is_compiling()
+        h, t = (x.flatten(0, 1), targets.flatten()) if static else (x[keep], targets[keep])
+        ce = lambda hc, tc: F.cross_entropy(self.lm_head(hc).float(), tc, ignore_index=-1, reduction="none")
+        chunks = [(h[i:i + LOSS_CHUNK], t[i:i + LOSS_CHUNK]) for i in range(0, h.size(0), LOSS_CHUNK)]
+        recompute = len(chunks) > 1 and torch.is_grad_enabled()
+        pieces = [checkpoint(ce, hc, tc, use_reentrant=False) if recompute else ce(hc, tc) for hc, tc in chunks]
         losses = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
-        if reduction == "sum":
-            return losses.sum()
         if reduction == "none":
-            return torch.zeros(targets.shape, dtype=losses.dtype, device=x.device).masked_scatter(keep, losses)
-        return losses.mean()
+            return losses.view(targets.shape) if static else losses.new_zeros(targets.shape).masked_scatter(keep, losses)
+        return losses.sum() if reduction == "sum" else losses.sum() / keep.sum()
 
     # ---- depth bookkeeping -------------------------------------------------------
 
@@ -482,64 +480,3 @@ class GPT(nn.Module):
     def clear_caches(self):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-
-    @torch.no_grad()
-    def generate_stream(self, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_ids=(),
-                        rule=None, generator=None):
-        """Yields, per step, (next token (B,), finished before this step (B,), executed
-        layers (B, n_layer) of the forward pass that produced the token, or None when
-        the model has no routers). Prompts of different lengths are left-padded; each
-        row keeps its own positions, so it decodes exactly as it would alone."""
-        device = self.embed_tokens.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) == 0:
-            raise ValueError("every prompt needs at least one token")
-        if P + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
-                             f"model's context of {self.config.block_size} tokens")
-        idx = torch.zeros(B, P, dtype=torch.long, device=device)
-        valid = torch.zeros(B, P, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            valid[b, P - len(p):] = True
-        positions = (valid.cumsum(1) - 1).clamp(min=0)
-        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        self.setup_caches(B, P + max_new_tokens)
-        try:
-            logits, _ = self(idx, input_pos=torch.arange(P, device=device), positions=positions,
-                             valid=valid, rule=rule, last_only=True)
-            pos = positions[:, -1:] + 1
-            for step in range(max_new_tokens):
-                tok = sample_next(logits[:, -1], temperature, top_k, generator)
-                ran = self.executed_map()[:, -1] if self.route_trace else None
-                yield tok, done.clone(), ran
-                done |= torch.isin(tok, stop)
-                if done.all() or step == max_new_tokens - 1:
-                    break
-                slot = torch.tensor([P + step], device=device)
-                logits, _ = self(tok[:, None], input_pos=slot, positions=pos, valid=~done[:, None], rule=rule)
-                pos = pos + 1
-        finally:
-            self.clear_caches()
-
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, **kwargs):
-        """Token lists, one per prompt, without the prompt, cut after the first stop token."""
-        out = [[] for _ in prompts]
-        for tok, done, _ in self.generate_stream(prompts, max_new_tokens, **kwargs):
-            for b in range(len(prompts)):
-                if not done[b]:
-                    out[b].append(int(tok[b]))
-        return out
-
-
-def sample_next(logits, temperature=0.0, top_k=None, generator=None):
-    """Greedy when temperature == 0; else softmax(logits / T) restricted to the top-k."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)

@@ -270,7 +270,8 @@ class CapacitySchedule:
     capacity from step 0, and their per-layer fractions f_l (an exponential moving
     average) say where skipping belongs. Layer l gets c_l = 1 - a * (1 - f_l), with a
     chosen so the mean is c_bar: capacity is taken only where the labels put it, and a
-    layer whose labels say "run every token" keeps c_l = 1.
+    layer whose labels say "run every token" keeps c_l = 1. (Below the labels' own mean,
+    as calibrate.py may ask for, c_l = f_l * c_bar / mean f.)
     split="rescale" is DLO's official code: labels at the current c_bar, then every
     c_l = f_l * c_bar(next) / mean f, which also lowers layers labelled "run all".
     """
@@ -304,10 +305,10 @@ class CapacitySchedule:
         f = self.label_frac
         if f is None or float(f.mean()) >= 1.0:
             return torch.full((self.n_layers,), c_bar, dtype=torch.float64)
-        if self.split == "rescale":
+        if self.split == "rescale" or c_bar < float(f.mean()):   # below the labels' own capacity: scale them
             return (f * c_bar / f.mean()).clamp(0.0, 1.0)
-        a = min(1.0, (1.0 - c_bar) / float(1.0 - f.mean()))
-        return (1.0 - a * (1.0 - f)).clamp(0.0, 1.0)
+        a = (1.0 - c_bar) / float(1.0 - f.mean())
+        return 1.0 - a * (1.0 - f)
 
     def state_dict(self):
         return {"label_frac": None if self.label_frac is None else self.label_frac.tolist()}

@@ -3,27 +3,144 @@ Generate text and watch how deep each token went.
 
     python sample.py                                   # SmolLM2-Instruct answers a chat prompt
     python sample.py --init_from out/dlo/ckpt.pt       # a routed model: coloured depth view
-    python sample.py --mode raw --prompt @poem.txt --temperature 0.8 --top_k 50 --num_samples 3
+    python sample.py --mode raw --prompt @poem.txt --temperature 0.8 --top_p 0.9 --num_samples 3
 
-For a routed model every generated token is coloured by the number of layers that
-ran in the forward pass that produced it (ANSI colours on a terminal, `[token|n]`
-otherwise), a summary gives mean executed layers and layer FLOPs saved, and a
-token x layer picture is written as a self-contained HTML file.
+Generation, gpt-fast style, in three steps a reader can follow one by one:
+`prefill` runs the prompt through the model and fills the static KV cache,
+`decode_one_token` runs one new token per row at its cache slot, and
+`generate_stream` loops them and samples. For a routed model every token, the
+prompt's and the answer's, is coloured by the number of layers that ran for it
+(ANSI colours on a terminal, `[token|n]` otherwise); a summary gives mean executed
+layers and layer FLOPs saved, and a token x layer picture is written as HTML.
 """
 import argparse
 import html
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 import weights
 from router import Rule
-from tokenizer import load_tokenizer
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
 
+
+# ---- generation -------------------------------------------------------------------
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
+    """Greedy when temperature == 0; else softmax(logits / T) restricted to the k likeliest
+    tokens (top_k None or 0: no limit) and to the smallest set whose probability reaches
+    top_p (nucleus sampling, arXiv 1904.09751)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        probs, order = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        outside = probs.cumsum(-1) - probs >= top_p   # the mass before a token already reaches p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), -math.inf)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Prompts:
+    """A batch of prompts, left-padded so every row's last token sits in the same slot;
+    each row keeps its own positions, so it decodes exactly as it would alone."""
+    idx: torch.Tensor        # (B, P) token ids
+    valid: torch.Tensor      # (B, P) False on padding
+    positions: torch.Tensor  # (B, P) each row counts from 0 at its first real token
+
+
+def pad_left(prompts, device):
+    B, P = len(prompts), max(len(p) for p in prompts)
+    idx = torch.zeros(B, P, dtype=torch.long, device=device)
+    valid = torch.zeros(B, P, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[b, P - len(p):] = True
+    return Prompts(idx, valid, (valid.cumsum(1) - 1).clamp(min=0))
+
+
+def prefill(model, batch, rule):
+    """The whole prompt in one forward, writing cache slots 0..P-1. Returns the last
+    position's logits (B, V) and, for a routed model, the layers each prompt token ran
+    (B, P, n_layer)."""
+    P = batch.idx.size(1)
+    logits, _ = model(batch.idx, input_pos=torch.arange(P, device=batch.idx.device), positions=batch.positions,
+                      valid=batch.valid, rule=rule, last_only=True)
+    return logits[:, -1], (model.executed_map() if model.route_trace else None)
+
+
+def decode_one_token(model, token, slot, position, alive, rule):
+    """One token per row (B,) at cache `slot`, RoPE `position` (B, 1); rows that already
+    stopped are padding. Returns the next logits (B, V) and the layers run (B, n_layer)."""
+    slots = torch.full((1,), slot, dtype=torch.long, device=token.device)
+    logits, _ = model(token[:, None], input_pos=slots, positions=position, valid=alive[:, None], rule=rule)
+    return logits[:, -1], (model.executed_map()[:, -1] if model.route_trace else None)
+
+
+@dataclass
+class Step:
+    token: torch.Tensor                          # (B,) the sampled token
+    done: torch.Tensor                           # (B,) rows that had stopped before this step
+    ran: Optional[torch.Tensor]                  # (B, n_layer) layers run by the forward that produced it
+    prompt_ran: Optional[torch.Tensor] = None    # (B, P, n_layer) the prompt's, on the first step only
+    prompt_valid: Optional[torch.Tensor] = None  # (B, P) which prompt positions are real
+
+
+@torch.no_grad()
+def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=(),
+                    rule=None, generator=None):
+    """Yields one Step per new token. Prompts of different lengths are left-padded; the
+    context check happens here, once, not in every forward."""
+    device = model.embed_tokens.weight.device
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token")
+    batch = pad_left(prompts, device)
+    P = batch.idx.size(1)
+    if P + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
+                         f"model's context of {model.config.block_size} tokens")
+    rule = rule or model.default_rule()
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    model.setup_caches(len(prompts), P + max_new_tokens)
+    try:
+        logits, prompt_ran = prefill(model, batch, rule)
+        ran, position = (prompt_ran[:, -1] if prompt_ran is not None else None), batch.positions[:, -1:] + 1
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            first = step == 0
+            yield Step(token, done.clone(), ran, prompt_ran if first else None, batch.valid if first else None)
+            done |= torch.isin(token, stop)
+            if step == max_new_tokens - 1 or done.all():
+                break
+            logits, ran = decode_one_token(model, token, P + step, position, ~done, rule)
+            position = position + 1
+    finally:
+        model.clear_caches()
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, **kwargs):
+    """Token lists, one per prompt, without the prompt, cut after the first stop token."""
+    out = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, max_new_tokens, **kwargs):
+        for b in range(len(prompts)):
+            if not step.done[b]:
+                out[b].append(int(step.token[b]))
+    return out
+
+
+# ---- the depth view ---------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text; show per-token depth for routed models.")
@@ -34,21 +151,18 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=1, help="how many completions")
     p.add_argument("--max_new_tokens", type=int, default=128, help="new tokens per sample")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest tokens (0 = no limit)")
+    p.add_argument("--top_p", type=float, default=1.0, help="sample within this much probability mass (1 = all)")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threshold", type=float, default=None, help="routing threshold (default: the model's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="one routing threshold for every layer (default: the checkpoint's calibrated ones)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--depth_out", default="out/depth.html", help="token x layer picture (routed models)")
-    return p.parse_args(argv)
-
-
-def load(source, dtype):
-    """A model and its tokenizer from any source; a checkpoint names its tokenizer source."""
-    if source.endswith(".pt"):
-        ckpt = weights.load_checkpoint(source)
-        return weights.model_from_checkpoint(ckpt, dtype), load_tokenizer(ckpt["train_config"]["init_from"])
-    return weights.from_pretrained(source, dtype), load_tokenizer(source)
+    args = p.parse_args(argv)
+    if not 0 < args.top_p <= 1 or (args.top_k is not None and args.top_k < 0):
+        p.error("--top_p must be in (0, 1] and --top_k >= 0")
+    return args
 
 
 def colour(text, depth, n_layer, tty):
@@ -79,11 +193,21 @@ p{{white-space:pre-wrap;max-width:60em;line-height:1.6}}</style>
 <table><tr><th>token</th><th>n</th>{head}</tr>{''.join(cells)}</table>""")
 
 
+def pieces_of(tok, ids):
+    """The text each token adds, decoded as bytes so split UTF-8 characters stay whole."""
+    out, seen = [], b""
+    for i in range(len(ids)):
+        now = tok.decode_bytes(ids[:i + 1])
+        out.append(now[len(seen):].decode("utf-8", "replace"))
+        seen = now
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, tok = load(args.init_from, getattr(torch, args.dtype))
+        model, tok, _ = weights.load(args.init_from, getattr(torch, args.dtype))
         prompt = args.prompt
         if prompt.startswith("@"):
             with open(prompt[1:]) as f:
@@ -97,8 +221,8 @@ def main(argv=None):
         ids = tok.encode_chat(messages + [{"role": "user", "content": prompt}], add_generation_prompt=True)
     else:
         ids = tok.encode(prompt)
-    rule = Rule("threshold", cfg.route_threshold if args.threshold is None else args.threshold,
-                use_predictor=cfg.route_predictor)
+    rule = model.default_rule() if args.threshold is None else Rule("threshold", args.threshold,
+                                                                     use_predictor=cfg.route_predictor)
     tty = sys.stdout.isatty()
     generator = torch.Generator(device).manual_seed(args.seed)
     all_pieces, all_ran = [], []
@@ -106,22 +230,27 @@ def main(argv=None):
         print(f"--- sample {sample + 1}/{args.num_samples}" if args.num_samples > 1 else "---")
         out, t0, t_first = [], time.time(), None
         try:
-            stream = model.generate_stream([ids], args.max_new_tokens, temperature=args.temperature,
-                                           top_k=args.top_k, stop_ids=[tok.eos_id, tok.im_end_id],
-                                           rule=rule, generator=generator)
-            for token, done, ran in stream:
+            for step in generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature,
+                                        top_k=args.top_k, top_p=args.top_p, stop_ids=[tok.eos_id, tok.im_end_id],
+                                        rule=rule, generator=generator):
                 t_first = t_first or time.time()   # the prompt's prefill ends with the first token
-                token = int(token[0])
+                if step.prompt_ran is not None:     # the prompt's own depth, token by token
+                    for piece, row in zip(pieces_of(tok, ids), step.prompt_ran[0][step.prompt_valid[0]].tolist()):
+                        all_pieces.append(piece)
+                        all_ran.append(row)
+                        print(colour(piece, sum(row), cfg.n_layer, tty), end="")
+                    print("\n--- answer:")
+                token = int(step.token[0])
                 if token in (tok.eos_id, tok.im_end_id):
                     break
                 piece = tok.decode_bytes(out + [token])[len(tok.decode_bytes(out)):].decode("utf-8", "replace")
                 out.append(token)
-                if ran is None:
+                if step.ran is None:
                     print(piece, end="", flush=True)
                 else:
                     all_pieces.append(piece)
-                    all_ran.append(ran[0].tolist())
-                    print(colour(piece, int(ran[0].sum()), cfg.n_layer, tty), end="", flush=True)
+                    all_ran.append(step.ran[0].tolist())
+                    print(colour(piece, int(step.ran[0].sum()), cfg.n_layer, tty), end="", flush=True)
         except ValueError as e:
             sys.exit(f"\nerror: {e}")
         decode_s = max(1e-9, time.time() - (t_first or t0))
@@ -129,16 +258,21 @@ def main(argv=None):
         steps = max(0, len(out) - 1)   # tokens after the first come from decode steps
         print(f"\n--- prefill {len(ids)} tokens in {(t_first or t0) - t0:.2f}s; decode {steps} tokens at "
               f"{steps / decode_s:.1f} tokens/s, {steps * n_bytes / decode_s / 1e9:.2f} GB/s of weights read")
-    if all_ran:
-        per_layer = torch.tensor(all_ran, dtype=torch.float64).mean(0).tolist()
-        context = len(ids) + len(all_ran) // max(1, args.num_samples)
-        attn, mlp, _ = model.layer_flops(context)
-        layer_total = cfg.n_layer * (attn + mlp)
-        saved = 1 - (model.flops_per_token(per_layer, context) - 2 * cfg.n_embd * cfg.vocab_size) / layer_total
-        print(f"depth: {sum(per_layer):.2f} of {cfg.n_layer} layers per token on average "
-              f"(routed part: {cfg.route}), {100 * saved:.1f}% of layer FLOPs saved")
-        write_depth_html(args.depth_out, all_pieces, all_ran, cfg.n_layer)
-        print(f"token x layer picture: {args.depth_out}")
+    if all_ran:   # FLOPs at the mean context of the last answer
+        report_depth(model, all_pieces, all_ran, len(ids) + len(out) // 2, args.depth_out)
+
+
+def report_depth(model, pieces, ran, context, path):
+    """Mean executed layers and layer FLOPs saved over every token shown, and the picture."""
+    cfg = model.config
+    per_layer = torch.tensor(ran, dtype=torch.float64).mean(0).tolist()
+    attn, mlp, _ = model.layer_flops(context)
+    layer_total = cfg.n_layer * (attn + mlp)
+    saved = 1 - (model.flops_per_token(per_layer, context) - 2 * cfg.n_embd * cfg.vocab_size) / layer_total
+    print(f"depth: {sum(per_layer):.2f} of {cfg.n_layer} layers per token on average, prompt and answer "
+          f"(routed part: {cfg.route}), {100 * saved:.1f}% of layer FLOPs saved")
+    write_depth_html(path, pieces, ran, cfg.n_layer)
+    print(f"token x layer picture: {path}")
 
 
 if __name__ == "__main__":

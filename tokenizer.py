@@ -175,17 +175,13 @@ def read_gguf_vocab(path):
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(source="smollm2"):
     """"smollm2" (the packaged GGUF), a .gguf path, or a folder with tokenizer.json.
-    A .pt checkpoint's tokenizer is the one of the model it was trained from."""
+    (A checkpoint's tokenizer: weights.tokenizer_source names its base model.)"""
     if source == "smollm2":
         source = smollm2_gguf_path()
     if os.path.isdir(source):
         return read_tokenizer_json(source)
     if not os.path.exists(source):
         raise TokenizerError(f"{source}: no such file or folder")
-    if source.endswith(".pt"):
-        import torch
-        ckpt = torch.load(source, map_location="cpu", weights_only=False)
-        return load_tokenizer(ckpt["train_config"]["init_from"])
     return Tokenizer(*read_gguf_vocab(source))
 
 

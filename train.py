@@ -188,7 +188,7 @@ def load_data(cfg, split, tok_source):
     path = os.path.join(cfg.data_dir, name)
     if not os.path.exists(os.path.join(path, "meta.json")):
         from tokenizer import load_tokenizer
-        tok = load_tokenizer(tok_source)
+        tok = load_tokenizer(weights.tokenizer_source(tok_source))
         if cfg.dataset == "sharegpt":
             prepare_sharegpt(path, tok, max_convs=cfg.max_convs or None)
         else:
@@ -273,12 +273,14 @@ def row_stats(row_sums, row_counts):
 @torch.no_grad()
 def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, label_capacity=None):
     """Held-out loss (mean and SE over rows), the executed fraction of all layers with the
-    same denominator as training, per-layer fractions, and the routers' agreement with
-    the labels. `rule`: a Rule, or a function (model, x, valid) -> Rule for rules that need
+    same denominator as training, per-layer fractions (over real tokens, and per routed
+    layer over its routable tokens), and the routers' agreement with the labels. `rule`: a Rule, or a function (model, x, valid) -> Rule for rules that need
     a look at the batch first (the label oracle, the random control)."""
     model.eval()
     sums, counts, ran, agree = [], [], torch.zeros(model.config.n_layer, dtype=torch.float64), []
     n_valid, exec_total = 0, 0.0
+    routed_ran = torch.zeros(len(model.config.routed_ids()), dtype=torch.float64)
+    routable = torch.zeros_like(routed_ran)
     with autocast(device, dtype):
         for i in range(0, len(rows), batch_size):
             x, y, valid = (t.to(device) for t in data.batch(rows[i:i + batch_size]))
@@ -292,15 +294,18 @@ def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, la
             exec_total += float(executed_fraction(traces, model.config.n_layer, nv)) * nv
             n_valid += nv
             per_layer = [nv] * model.config.n_layer   # unrouted layers run every real token
-            for t in traces:
+            for slot, t in enumerate(traces):
                 per_layer[t.layer] = int((t.sel & t.valid).sum())
+                routed_ran[slot] += int((t.sel & t.routable).sum())
+                routable[slot] += int(t.routable.sum())
             ran += torch.tensor(per_layer, dtype=torch.float64)
             if traces and labels in ("cos", "cos-global"):
                 agree.append(router_agreement(traces, make_labels(traces, labels, label_capacity)[0]))
     model.train()
     loss, se = row_stats(sums, counts)
     out = {"val_loss": loss, "val_se": se, "exec_frac_infer": exec_total / n_valid,
-           "exec_per_layer": (ran / n_valid).tolist(), "row_sums": sums, "row_counts": counts}
+           "exec_per_layer": (ran / n_valid).tolist(), "routed_frac": (routed_ran / routable.clamp(min=1)).tolist(),
+           "row_sums": sums, "row_counts": counts}
     if agree:
         out["router_agree"], out["router_bce"] = (float(np.mean([a[i] for a in agree])) for i in (0, 1))
     return out

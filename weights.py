@@ -4,7 +4,7 @@ own training checkpoints. One entry point: from_pretrained(source).
 
 Notable features
 - GGUF: Q4_1 / Q8_0 / F16 / F32 dequantized by the `gguf` package; llama.cpp's q/k
-  row permutation undone, so the model uses HF's rotate-half RoPE (METHODS.md 6)
+  row permutation undone, so the model uses HF's rotate-half RoPE
 - HF folders: architecture from config.json, every tensor shape-checked; GPT-2's
   Conv1D weights transposed and its fused c_attn split
 - export: any model (expanded and routed too) as a HF folder that loads back with
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
-from tokenizer import gguf_reader, save_tokenizer, smollm2_gguf_path
+from tokenizer import gguf_reader, load_tokenizer, save_tokenizer, smollm2_gguf_path
 
 
 class WeightsError(ValueError):
@@ -292,6 +292,26 @@ def load_checkpoint(path):
 def model_from_checkpoint(ckpt, dtype=torch.float32):
     """The exact trained model (depth, routers, frozen layers) from the checkpoint alone."""
     return build(GPTConfig(**ckpt["model_config"]), dict(ckpt["model"]), "checkpoint").to(dtype).eval()
+
+
+def load(source="smollm2", dtype=torch.float32):
+    """(model, tokenizer, meta) from any source. meta: a checkpoint's training config and
+    step, {} for pretrained weights. A checkpoint's tokenizer is its base model's."""
+    if not source.endswith(".pt"):
+        return from_pretrained(source, dtype), load_tokenizer(source), {}
+    ckpt = load_checkpoint(source)
+    meta = {"train_config": ckpt.get("train_config", {}), "step": ckpt.get("step")}
+    return model_from_checkpoint(ckpt, dtype), load_tokenizer(checkpoint_base(ckpt)), meta
+
+
+def checkpoint_base(ckpt):
+    """The model a checkpoint was trained from: its tokenizer is the checkpoint's."""
+    return ckpt.get("train_config", {}).get("init_from", "smollm2")
+
+
+def tokenizer_source(source):
+    """Where the tokenizer of `source` lives."""
+    return checkpoint_base(load_checkpoint(source)) if source.endswith(".pt") else source
 
 
 def from_pretrained(source="smollm2", dtype=torch.float32):

@@ -5,6 +5,7 @@ import torch
 import model as model_module
 from conftest import tiny_model
 from router import Rule
+from sample import generate
 
 TOL = 1e-4
 
@@ -72,7 +73,7 @@ def test_gqa_equals_repeated_heads():
 def test_generate_matches_argmax_of_full_forward():
     model = tiny_model()
     prompt = [3, 14, 15, 92, 65]
-    new = model.generate([prompt], 10)[0]
+    new = generate(model, [prompt], 10)[0]
     seq = list(prompt)
     for _ in range(10):
         seq.append(int(full_logits(model, seq)[-1].argmax()))
@@ -82,21 +83,21 @@ def test_generate_matches_argmax_of_full_forward():
 def test_generate_batch_rows_match_single_rows_and_stop():
     model = tiny_model()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
-    batched = model.generate(prompts, 8)
+    batched = generate(model, prompts, 8)
     for prompt, row in zip(prompts, batched):
-        assert row == model.generate([prompt], 8)[0]
+        assert row == generate(model, [prompt], 8)[0]
     first = batched[0][2]
-    stopped = model.generate([prompts[0]], 8, stop_ids=[first])[0]
+    stopped = generate(model, [prompts[0]], 8, stop_ids=[first])[0]
     assert stopped == batched[0][:batched[0].index(first) + 1]
 
 
 def test_sampling_is_seeded_and_topk_restricts():
     model = tiny_model()
-    run = lambda seed, k: model.generate([[1, 2]], 12, temperature=1.0, top_k=k,
+    run = lambda seed, k: generate(model, [[1, 2]], 12, temperature=1.0, top_k=k,
                                          generator=torch.Generator().manual_seed(seed))[0]
     assert run(0, None) == run(0, None)
     top1 = run(5, 1)
-    assert top1 == model.generate([[1, 2]], 12)[0]   # top-1 sampling is greedy
+    assert top1 == generate(model, [[1, 2]], 12)[0]   # top-1 sampling is greedy
 
 
 @pytest.mark.parametrize("chunk", [4096, 5])
@@ -134,6 +135,6 @@ def test_right_padding_is_required_without_a_cache():
 def test_too_long_prompt_is_a_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="context of 64 tokens"):
-        model.generate([[1] * 60], 10)
+        generate(model, [[1] * 60], 10)
     with pytest.raises(ValueError, match="context of 64"):
         model(torch.zeros(1, 65, dtype=torch.long))

@@ -11,6 +11,7 @@ from router import (CapacitySchedule, Rule, Trace, dynamic_lr_scales, make_label
                     select_threshold, select_topk, similarity_labels)
 from model import Context, rope_tables
 from test_model import cached_logits, full_logits
+from sample import generate, generate_stream
 
 
 def routed_model(route, policy, seed=0):
@@ -184,13 +185,11 @@ def test_sinks_never_skip():
             assert not (t.sel & ~valid).any()
             routed = int((t.sel & t.routable).sum())
             assert routed == (0 if rule.kind == "threshold" else math.ceil(0.1 * int(t.routable.sum())))
-    model.generate([[5]], 4, rule=Rule("threshold", 1.01))   # a one-token prompt: decode positions 1, 2, 3
+    generate(model, [[5]], 4, rule=Rule("threshold", 1.01))   # a one-token prompt: decode positions 1, 2, 3
     assert model.route_trace[0].sel.tolist() == [[False]]         # the last decode step, position 3
-    stream = model.generate_stream([[5]], 2, rule=Rule("threshold", 1.01))
-    _, _, ran = next(stream)
-    assert ran.all()                                               # the prompt token (position 0) ran all
-    _, _, ran = next(stream)
-    assert ran.all()                                               # position 1 is a sink too
+    stream = generate_stream(model, [[5]], 2, rule=Rule("threshold", 1.01))
+    assert next(stream).ran.all()                                  # the prompt token (position 0) ran all
+    assert next(stream).ran.all()                                  # position 1 is a sink too
 
 
 def test_labels_follow_the_mode():

@@ -15,6 +15,7 @@ import weights
 from conftest import tiny_model
 from data import prepare_sharegpt
 from test_data import ByteTokenizer, write_sharegpt
+from sample import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +93,33 @@ def test_sigkill_then_resume_matches_uninterrupted(setup):
         assert abs(g["loss"] - w["loss"]) < 1e-6 and g["caps"] == pytest.approx(w["caps"], abs=1e-9)
 
 
+def test_warmup_skips_nothing_then_training_and_inference_fractions_agree(setup, single):
+    """Steps 1-2 (route_warmup 0.25 of 8) run every MLP; then capacity anneals and skips;
+    the run ends with thresholds calibrated so that inference executes what training did."""
+    steps = losses(single)
+    assert [s["exec_frac_train"] for s in steps[:2]] == [1.0, 1.0]
+    assert steps[-1]["exec_frac_train"] < 0.95
+    evals = [json.loads(line) for line in open(single / "log.jsonl") if "val_loss" in line]
+    final = evals[-1]
+    assert len(final["thresholds"]) == 6 and final["exec_frac_infer"] < 0.97
+    ckpt = weights.load_checkpoint(str(single / "ckpt.pt"))
+    assert tuple(ckpt["model_config"]["route_threshold"]) == tuple(final["thresholds"])
+
+
+def test_calibrate_on_demand_moves_the_thresholds(setup, single, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    shutil.copy(single / "ckpt.pt", path)
+    before = weights.load_checkpoint(str(path))["model_config"]["route_threshold"]
+    r = subprocess.run([sys.executable, "calibrate.py", str(path), "--capacity", "0.3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    after = weights.load_checkpoint(str(path))["model_config"]["route_threshold"]
+    assert len(after) == len(before) and sum(after) > sum(before)   # skipping more needs higher thresholds
+    r = subprocess.run([sys.executable, "calibrate.py", str(path), "--capacity", "1.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --capacity")
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_match_one_process(setup, single, mode):
     out = setup / mode
@@ -111,7 +139,7 @@ def test_torchrun_two_ranks_match_one_process(setup, single, mode):
     a = weights.from_pretrained(str(out / "ckpt.pt"))
     b = weights.from_pretrained(str(single / "ckpt.pt"))
     prompt = [[5, 6, 7, 8, 9]]
-    assert a.generate(prompt, 12) == b.generate(prompt, 12)
+    assert generate(a, prompt, 12) == generate(b, prompt, 12)
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path):

@@ -1,6 +1,7 @@
 """sample.py end to end on a tiny model that carries the real tokenizer."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import torch
 import dlo
 import weights
 from conftest import tiny_model
+from sample import sample_next
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +23,7 @@ def folders(tmp_path_factory):
     tok = load_tokenizer("smollm2")
     dense = tiny_model(vocab_size=tok.vocab_size, block_size=96)
     weights.save_hf(dense, d / "dense", tokenizer=tok)
-    routed = dlo.activate(dense, "mlp")
+    routed = dlo.activate(dense, "mlp", sink_tokens=1)
     with torch.no_grad():
         for layer in routed.layers:
             layer.router.weight.normal_(0, 0.5)
@@ -37,14 +39,21 @@ def sample(*args):
 
 
 def test_depth_view_and_picture(folders):
+    """Every token is shown with its depth, the prompt's and the answer's; the depth varies
+    from token to token, and the sink (the first prompt token) runs every layer."""
     html = folders / "depth.html"
     r = sample("--init_from", str(folders / "routed.pt"), "--max_new_tokens", "12", "--depth_out", str(html),
-               "--mode", "raw", "--prompt", "Hello there")
+               "--mode", "raw", "--prompt", "Hello there, how are you doing today?")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("|") >= 12 and "[" in r.stdout          # not a TTY: [token|layers]
+    prompt_part, answer_part = r.stdout.split("--- answer:")
+    depth = lambda text: [int(d) for d in re.findall(r"\|(\d+)\]", text)]   # not a TTY: [token|layers]
+    prompt, answer = depth(prompt_part), depth(answer_part)
+    assert len(prompt) >= 8 and len(answer) == 12
+    assert prompt[0] == 4                                          # the sink ran all 4 layers
+    assert len(set(prompt[1:])) > 1 and len(set(answer)) > 1        # depth varies token to token
     assert "layers per token on average" in r.stdout and "% of layer FLOPs saved" in r.stdout
     page = html.read_text()
-    assert page.startswith("<!doctype html>") and page.count("<tr>") == 13   # header + 12 tokens
+    assert page.startswith("<!doctype html>") and page.count("<tr>") == 1 + len(prompt) + 12
 
 
 def test_prompt_longer_than_the_context_is_one_line(folders, tmp_path):
@@ -65,3 +74,17 @@ def test_default_run_answers_and_reports_speed():
     r = sample("--max_new_tokens", "24")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and "tokens/s" in r.stdout and "GB/s" in r.stdout
+
+
+def test_sampling_rules():
+    """top_k 0 means no limit (it used to raise IndexError); top_p keeps the smallest set of
+    tokens whose probability reaches p (here p = 0.70, 0.26, 0.03, 0.01: 0.9 needs the two likeliest)."""
+    draw = lambda logits, n, **kw: {int(sample_next(logits, 1.0, generator=gen, **kw)) for _ in range(n)}
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.tensor([[2.0, 1.5, 1.0, 0.5]])
+    assert draw(flat, 200, top_k=0) == {0, 1, 2, 3}
+    assert draw(flat, 200, top_k=2) == {0, 1}
+    peaked = torch.tensor([[4.0, 3.0, 1.0, 0.0]])
+    assert draw(peaked, 200, top_p=0.9) == {0, 1}
+    assert draw(peaked, 50, top_p=0.5) == {0}
+    assert sample_next(peaked, 0.0).tolist() == [0]
