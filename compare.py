@@ -42,7 +42,7 @@ METHODS = {
     "dense": "--placement interleave --n_new 10 --route none",
     "dlo": DLO,
     "dlo-no-sinks": f"{DLO} --sink_tokens 0",
-    "dlo-all-layers": f"{DLO} --routed all --dense_first 0 --dense_last 0",
+    "dlo-all-layers": f"{DLO} --routed all --capacity_end 0.8975",
     "dlo-no-warmup": f"{DLO} --route_warmup 0",
     "dlo-official-labels": f"{DLO} --capacity_split rescale",
     "dlo-threshold": f"{DLO} --train_rule threshold",

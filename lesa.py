@@ -33,8 +33,14 @@ KINDS = ATTN + ("gate_proj", "up_proj", "down_proj")
 
 
 def weight(layer, kind):
-    """The (out, in) weight of one of a block's seven linears, by its short name."""
-    return getattr(layer.self_attn if kind in ATTN else layer.mlp, kind).weight
+    """The (out, in) weight of one of a block's seven linears, by its short name: a view
+    into the fused q/k/v and gate/up matrices where the model stacks them."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if kind in ("q_proj", "k_proj", "v_proj"):
+        return dict(zip(ATTN, attn.qkv_proj.weight.split(attn.sizes)))[kind]
+    if kind in ("gate_proj", "up_proj"):
+        return dict(zip(("gate_proj", "up_proj"), mlp.gate_up_proj.weight.chunk(2)))[kind]
+    return getattr(attn if kind in ATTN else mlp, kind).weight
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ can each carry a router that skips work per token.
 Notable features
 - RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU, tied or untied
   embeddings; arch="gpt2" swaps in LayerNorm, GELU and learned positions
-- module names equal HF Llama's (minus "model."), so conversion is a rename
+- module names equal HF Llama's (minus "model."), except that q/k/v and gate/up are
+  each one matmul (qkv_proj, gate_up_proj), which weights.py stacks and splits
 - routed blocks (router.py): skip the MLP only ("mlp", DLO's default: attention
   always runs so the KV cache stays complete) or the whole block ("block"), with
   the KV policy "compute" (skipped tokens still write K/V) or "drop" (they write
@@ -106,17 +107,19 @@ def make_norm(cfg):
     return RMSNorm(cfg.n_embd, cfg.norm_eps)
 
 
-def rope_tables(positions, head_dim, theta, dtype):
-    """cos, sin of shape (B, 1, T, hs) for integer positions (B, T), computed in fp32."""
+def rope_tables(positions, head_dim, theta):
+    """cos, sin of shape (B, 1, T, hs) in fp32 for integer positions (B, T)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     freqs = positions.float()[..., None] * inv_freq          # (B, T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]          # (B, 1, T, hs)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos(), emb.sin()
 
 
-def apply_rope(x, cos, sin):  # rotate-half layout (HF), x (B, nh, T, hs)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x, cos, sin):
+    """Rotate-half layout (HF), x (B, nh, T, hs). The rotation runs in fp32 whatever x's
+    dtype: bf16 angles cost a bf16 model a few tenths of a percent of perplexity."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -159,34 +162,40 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        d, hs = cfg.n_embd, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.n_head * hs, bias=cfg.bias)
-        self.k_proj = nn.Linear(d, cfg.n_kv_head * hs, bias=cfg.bias)
-        self.v_proj = nn.Linear(d, cfg.n_kv_head * hs, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.n_head * hs, d, bias=cfg.bias)
+        self.sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+        # q, k and v in one matmul (gpt-fast's wqkv): rows [q | k | v]; weights.py converts
+        self.qkv_proj = nn.Linear(cfg.n_embd, sum(self.sizes), bias=cfg.bias)
+        self.o_proj = nn.Linear(self.sizes[0], cfg.n_embd, bias=cfg.bias)
         self.kv_cache = None
 
-    def project_kv(self, x, rope, input_pos, write):
-        """K/V for every token of x, stored in the cache when decoding (input_pos given);
-        returns all keys and values this chunk may attend to, with their validity."""
-        B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            k = apply_rope(k, *rope)
+    def heads(self, t, n, rope):   # (B, T, n * hs) -> (B, n, T, hs), rotated
+        B, T, _ = t.shape
+        t = t.view(B, T, n, self.head_dim).transpose(1, 2)
+        return t if rope is None else apply_rope(t, *rope)
+
+    def store(self, k, v, input_pos, write):
+        """Cache the chunk's K/V when decoding (input_pos given); returns every key and
+        value this chunk may attend to, with their validity."""
         if input_pos is None:
             return k, v, write
         return self.kv_cache.update(input_pos, k, v, write)
+
+    def project_kv(self, x, rope, input_pos, write):
+        """K/V alone, for tokens that skip the block but still write the cache ("compute")."""
+        q_rows = self.sizes[0]
+        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[q_rows:]
+        k, v = F.linear(x, self.qkv_proj.weight[q_rows:], bias).split(self.sizes[1:], dim=-1)
+        return self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head, None), input_pos, write)
 
     def forward(self, x, rope, input_pos, write, causal_only):
         """write (B, T): which tokens of x store K/V that others may attend to.
         causal_only: no cache and every real key precedes the padding, so a causal mask
         alone is exact for every real query (padded queries attend to padding, unread)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if rope is not None:
-            q = apply_rope(q, *rope)
-        k, v, key_valid = self.project_kv(x, rope, input_pos, write)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = self.heads(q, self.n_head, rope)                                        # (B, nh, T, hs)
+        k, v, key_valid = self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head, None),
+                                     input_pos, write)
         mask = None
         if not causal_only:
             key_pos = torch.arange(k.size(2), device=x.device)
@@ -202,14 +211,16 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.swiglu = cfg.arch == "llama"
-        if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        if self.swiglu:   # gate and up in one matmul, rows [gate | up]
+            self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=cfg.bias)
+        else:
+            self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
@@ -284,9 +295,9 @@ class Block(nn.Module):
         xf, hf = x.reshape(-1, C), h.reshape(-1, C)
         routable, sinks = ctx.routable.flatten(), (ctx.valid & ~ctx.routable).flatten()
         if T == 1:
+            gate, up = mlp.gate_up_proj.weight.chunk(2)
             out, p, sel = kernels.route_mlp(xf, hf, self.router.weight, norm.weight, norm.eps, threshold, routable,
-                                            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, gap,
-                                            inplace=True, always=sinks)
+                                            gate, up, mlp.down_proj.weight, gap, inplace=True, always=sinks)
         else:
             p, idx, rows = kernels.route_gather(xf, hf, self.router.weight, norm.weight, norm.eps,
                                                 threshold=threshold, valid=routable, always=sinks)
@@ -395,7 +406,7 @@ class GPT(nn.Module):
         if self.config.arch == "gpt2":
             x = x + self.pos_embed(positions)
         else:
-            rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         routable = routable_tokens(valid, positions, self.config.route_sink_tokens)
         ctx = Context(rope, valid, routable, input_pos, rule or self.default_rule(), causal_only=input_pos is None)
         self.route_trace = []

@@ -59,7 +59,7 @@ class TrainConfig:
     shortgpt_drop: int = 0          # ShortGPT: remove this many lowest-Block-Influence layers
     # routing (router.py)
     route: str = "mlp"              # none, mlp (DLO default), block
-    routed: str = "all"             # all, new (inserted layers only), every-other, or "i,j,..."
+    routed: str = "new"             # new (inserted layers only), all, every-other, or "i,j,..."
     dense_first: int = 0            # keep this many first layers dense (never routed)
     dense_last: int = 0             # keep this many last layers dense
     sink_tokens: int = 1            # the first r positions of every row always run
@@ -70,13 +70,13 @@ class TrainConfig:
     labels: str = "cos-global"      # cos, cos-global, self, none
     capacity_split: str = "labels"  # labels: ties skip, capacity taken where labels put it; rescale: DLO's code
     router_lambda: float = 1.0
-    router_lr_scale: float = 1.0    # routers' LR = lr * this
+    router_lr_scale: float = 50.0   # routers' LR = lr * this
     capacity_start: float = 1.0
-    capacity_end: float = 0.9
+    capacity_end: float = 0.59      # 10 new layers at 0.59, sinks run: <= 0.90 of SmolLM2-40's MLPs
     route_warmup: float = 0.2       # fraction of steps at capacity_start while the routers learn the labels
     route_anneal: float = 0.5       # fraction of steps over which capacity then anneals to capacity_end
     warmup_freeze: bool = False     # during the router warm-up, train the routers alone
-    calib_rows: int = 64            # held-out rows (after the eval rows) that calibrate the thresholds
+    calib_rows: int = 32            # held-out rows (after the eval rows) that calibrate the thresholds
     dynamic_lr: bool = True
     predictor: bool = False         # MoD auxiliary causal predictor
     # data
@@ -89,7 +89,7 @@ class TrainConfig:
     # optimisation
     max_steps: int = 24
     lr: float = 2e-5                # DLO's SFT learning rate
-    new_lr_scale: float = 1.0       # inserted layers' LR = lr * this
+    new_lr_scale: float = 30.0      # inserted layers' LR = lr * this
     min_lr_ratio: float = 0.1
     warmup_frac: float = 0.03
     weight_decay: float = 0.0
@@ -316,13 +316,15 @@ def calibrate(model, data, rows, capacities, device, dtype):
     """One threshold per routed layer such that, on these held-out rows, `p >= t` runs
     exactly the top-k fraction that training ran: one top-k pass at the training
     capacities, all rows in one batch, each layer seeing the layers below it already
-    routed. Returns the thresholds (see router.thresholds_from_topk)."""
+    routed (see router.thresholds_from_topk). A layer trained at capacity 1 gets 0: it
+    runs every token, also the ones whose p falls below anything seen here."""
     model.eval()
     x, y, valid = (t.to(device) for t in data.batch(rows))
     with autocast(device, dtype):
         model(x, y, valid=valid, rule=Rule("topk", capacity=capacities.to(device)))
     model.train()
-    return thresholds_from_topk(model.route_trace)
+    found = thresholds_from_topk(model.route_trace)
+    return tuple(0.0 if c >= 1.0 else t for c, t in zip(capacities.tolist(), found))
 
 
 def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_route, frozen=False):
@@ -509,8 +511,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.labels in ("cos", "cos-global") and self.routed:
             self.sched.update(self.reduce(frac_sum.tolist()) / max(1.0, n_route / len(self.routed)))
-        return {"step": step + 1, "loss": step_lm, "router_loss": step_loss - step_lm, "lr": lr,
-                "c_bar": self.sched.global_capacity(step), "exec_frac_train": ran / n_valid, "caps": caps}
+        record = {"step": step + 1, "loss": step_lm, "lr": lr, "exec_frac_train": ran / n_valid}
+        if self.routed:
+            route = step_loss if self.frozen else step_loss - step_lm   # frozen: the loss is the router's alone
+            record.update(router_loss=route, c_bar=self.sched.global_capacity(step), caps=caps)
+        return record
 
     def calibrate(self, step):
         caps = self.sched.capacities(step)

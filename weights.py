@@ -5,6 +5,8 @@ own training checkpoints. One entry point: from_pretrained(source).
 Notable features
 - GGUF: Q4_1 / Q8_0 / F16 / F32 dequantized by the `gguf` package; llama.cpp's q/k
   row permutation undone, so the model uses HF's rotate-half RoPE
+- HF's separate q/k/v and gate/up matrices stacked into our fused ones on load, split
+  again on export
 - HF folders: architecture from config.json, every tensor shape-checked; GPT-2's
   Conv1D weights transposed and its fused c_attn split
 - export: any model (expanded and routed too) as a HF folder that loads back with
@@ -25,6 +27,35 @@ from tokenizer import gguf_reader, load_tokenizer, save_tokenizer, smollm2_gguf_
 
 class WeightsError(ValueError):
     pass
+
+
+# our fused matrices and the HF matrices they stack, in row order
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fuse(state, n_layer):
+    """HF Llama's separate q/k/v and gate/up tensors -> our fused ones, stacked by rows.
+    A layer missing one of them is left as it is, and build() names what is missing."""
+    for i in range(n_layer):
+        for fused, parts in FUSED.items():
+            for leaf in ("weight", "bias"):
+                keys = [f"layers.{i}.{p}.{leaf}" for p in parts]
+                if all(k in state for k in keys):
+                    state[f"layers.{i}.{fused}.{leaf}"] = torch.cat([state.pop(k) for k in keys])
+    return state
+
+
+def unfuse(state, cfg):
+    """The inverse of fuse, for export."""
+    hs, I = cfg.head_dim, cfg.intermediate_size
+    sizes = {"self_attn.qkv_proj": [cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs],
+             "mlp.gate_up_proj": [I, I]}
+    for key in [k for k in state if any(f".{f}." in k for f in FUSED)]:
+        fused = next(f for f in FUSED if f".{f}." in key)
+        for part, piece in zip(FUSED[fused], state.pop(key).split(sizes[fused])):
+            state[key.replace(fused, part)] = piece.contiguous()
+    return state
 
 
 def build(cfg, state, source):
@@ -104,7 +135,7 @@ def load_gguf(path, dtype=torch.float32):
     except Exception as e:  # gguf raises ValueError, KeyError, IndexError... on a bad file
         raise WeightsError(f"{path}: not a GGUF model file, or truncated or corrupt "
                            f"({type(e).__name__}: {e})") from None
-    return build(cfg, state, path).to(dtype).eval()
+    return build(cfg, fuse(state, cfg.n_layer), path).to(dtype).eval()
 
 
 def gguf_to_ours(name, path):
@@ -175,10 +206,8 @@ def gpt2_to_ours(hf_state, cfg):
             continue  # old GPT-2 checkpoints store the causal mask as a buffer
         _, _, i, *rest = key.split(".")
         sub, leaf = ".".join(rest[:-1]), rest[-1]
-        if sub == "attn.c_attn":
-            t = t.t() if leaf == "weight" else t
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), t.split(cfg.n_embd, dim=0)):
-                state[f"layers.{i}.self_attn.{name}.{leaf}"] = part.contiguous()
+        if sub == "attn.c_attn":   # already q, k and v stacked, as our qkv_proj
+            state[f"layers.{i}.self_attn.qkv_proj.{leaf}"] = t.t().contiguous() if leaf == "weight" else t
         elif sub in GPT2_LAYER:
             conv = leaf == "weight" and not sub.startswith("ln")
             state[f"layers.{i}.{GPT2_LAYER[sub]}.{leaf}"] = t.t().contiguous() if conv else t
@@ -200,7 +229,7 @@ def load_hf(folder, dtype=torch.float32):
         raise WeightsError(f"{path}: a config field is missing or wrong ({type(e).__name__}: {e})") from None
     state = read_safetensors(folder)
     state = gpt2_to_ours(state, cfg) if cfg.arch == "gpt2" else \
-        {k.removeprefix("model."): v for k, v in state.items()}
+        fuse({k.removeprefix("model."): v for k, v in state.items()}, cfg.n_layer)
     return build(cfg, state, folder).to(dtype).eval()
 
 
@@ -220,7 +249,7 @@ def save_hf(model, folder, tokenizer=None):
               "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
               "vocab_size": cfg.vocab_size, "hidden_act": "silu",
               "torch_dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch.")}
-        state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in state.items()}
+        state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in unfuse(state, cfg).items()}
     else:
         hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd,
               "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.block_size,
@@ -247,9 +276,8 @@ def ours_to_gpt2(state, cfg):
     for i in range(cfg.n_layer):
         p = f"layers.{i}."
         for leaf in ("weight", "bias"):
-            qkv = [state.pop(f"{p}self_attn.{n}.{leaf}") for n in ("q_proj", "k_proj", "v_proj")]
-            fused = torch.cat(qkv, 0)
-            out[f"transformer.h.{i}.attn.c_attn.{leaf}"] = fused.t().contiguous() if leaf == "weight" else fused
+            qkv = state.pop(f"{p}self_attn.qkv_proj.{leaf}")
+            out[f"transformer.h.{i}.attn.c_attn.{leaf}"] = qkv.t().contiguous() if leaf == "weight" else qkv
         for ours, hf_name in back.items():
             for leaf in ("weight", "bias"):
                 t = state.pop(f"{p}{ours}.{leaf}")

@@ -40,7 +40,7 @@ def test_stack_trims_the_seam():
     sources = [0, 1, 2, 3, 2, 3, 4, 5]
     assert big.config.n_layer == 8 and big.config.new_layers == (4, 5, 6, 7)
     for j, i in enumerate(sources):
-        assert torch.equal(big.layers[j].mlp.up_proj.weight, model.layers[i].mlp.up_proj.weight)
+        assert torch.equal(big.layers[j].mlp.gate_up_proj.weight, model.layers[i].mlp.gate_up_proj.weight)
 
 
 def test_inits_produce_the_promised_tensors():
@@ -55,7 +55,7 @@ def test_inits_produce_the_promised_tensors():
         assert torch.allclose(lin[k], (a[k] + b[k]) / 2)
         assert torch.equal(sl[k], dlo.slerp(b[k], a[k]))
     assert torch.equal(rnd["input_layernorm.weight"], torch.ones(32))
-    assert 0.01 < float(rnd["mlp.up_proj.weight"].std()) < 0.03
+    assert 0.01 < float(rnd["mlp.gate_up_proj.weight"].std()) < 0.03
 
 
 def test_slerp_walks_the_great_circle():
@@ -112,7 +112,7 @@ def test_drop_layers_removes_them():
     model = tiny_model()
     small = dlo.drop_layers(model, [1, 2])
     assert small.config.n_layer == 2
-    assert torch.equal(small.layers[1].mlp.up_proj.weight, model.layers[3].mlp.up_proj.weight)
+    assert torch.equal(small.layers[1].mlp.gate_up_proj.weight, model.layers[3].mlp.gate_up_proj.weight)
 
 
 def test_shortgpt_drops_the_lowest_measured_bi():
@@ -128,11 +128,11 @@ def test_shortgpt_drops_the_lowest_measured_bi():
     assert small.config.n_layer == 4
     kept = [0, 1, 3, 5]
     for j, i in enumerate(kept):
-        assert torch.equal(small.layers[j].mlp.up_proj.weight, model.layers[i].mlp.up_proj.weight)
+        assert torch.equal(small.layers[j].mlp.gate_up_proj.weight, model.layers[i].mlp.gate_up_proj.weight)
     # BI is measured, not assumed: it matches a hand computation for layer 0
     with torch.no_grad():
         h = model.embed_tokens(x)
-        rope = rope_tables(torch.arange(12).expand(3, 12), 8, 10000.0, h.dtype)
+        rope = rope_tables(torch.arange(12).expand(3, 12), 8, 10000.0)
         out, _ = model.layers[0](h, Context(rope, valid, valid, None, None, causal_only=True), 0)
     manual = 1 - float(torch.nn.functional.cosine_similarity(h, out, dim=-1).mean())
     assert abs(bi[0] - manual) < 1e-6

@@ -62,9 +62,9 @@ def test_gqa_equals_repeated_heads():
     mha = tiny_model(n_kv_head=4)
     sd = gqa.state_dict()
     for i in range(4):
-        for name in ("k_proj", "v_proj"):
-            w = sd[f"layers.{i}.self_attn.{name}.weight"].view(2, 8, 32)
-            sd[f"layers.{i}.self_attn.{name}.weight"] = w.repeat_interleave(2, dim=0).reshape(32, 32)
+        q, k, v = sd[f"layers.{i}.self_attn.qkv_proj.weight"].split([32, 16, 16])
+        k, v = (w.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32) for w in (k, v))
+        sd[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat([q, k, v])
     mha.load_state_dict(sd)
     idx = torch.randint(0, 97, (2, 19))
     assert (gqa(idx)[0] - mha(idx)[0]).abs().max() < 1e-5
@@ -138,3 +138,43 @@ def test_too_long_prompt_is_a_clear_error():
         generate(model, [[1] * 60], 10)
     with pytest.raises(ValueError, match="context of 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def reference_llama_logits(state, cfg, idx):
+    """A plain Llama forward from HF-layout (unfused) weights, written out op by op: separate
+    q, k, v, gate and up matmuls, rotate-half RoPE, repeated K/V heads, a causal softmax."""
+    F = torch.nn.functional
+    norm = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+    T, hs = idx.size(1), cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, hs, 2).float() / hs)
+    ang = torch.cat([torch.arange(T).float()[:, None] * inv] * 2, -1)
+    rope = lambda t: t * ang.cos() + torch.cat([-t[..., hs // 2:], t[..., :hs // 2]], -1) * ang.sin()
+    heads = lambda t, n: t.view(1, T, n, hs).transpose(1, 2)
+    x = state["embed_tokens.weight"][idx]
+    for i in range(cfg.n_layer):
+        w = lambda name: state[f"layers.{i}.{name}.weight"]
+        h = norm(x, w("input_layernorm"))
+        q = rope(heads(h @ w("self_attn.q_proj").T, cfg.n_head))
+        k = rope(heads(h @ w("self_attn.k_proj").T, cfg.n_kv_head)).repeat_interleave(cfg.n_head // cfg.n_kv_head, 1)
+        v = heads(h @ w("self_attn.v_proj").T, cfg.n_kv_head).repeat_interleave(cfg.n_head // cfg.n_kv_head, 1)
+        att = (q @ k.transpose(-1, -2) / hs ** 0.5).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -1e9)
+        x = x + (att.softmax(-1) @ v).transpose(1, 2).reshape(1, T, -1) @ w("self_attn.o_proj").T
+        h = norm(x, w("post_attention_layernorm"))
+        x = x + (F.silu(h @ w("mlp.gate_proj").T) * (h @ w("mlp.up_proj").T)) @ w("mlp.down_proj").T
+    return norm(x, state["norm.weight"]) @ state["embed_tokens.weight"].T
+
+
+def test_fused_projections_leave_the_logits_unchanged():
+    """qkv_proj and gate_up_proj are the HF model's five matrices stacked: our logits equal a
+    plain unfused Llama's to fp32 round-off (the stacked matmul sums in another blocking)."""
+    import weights
+    model = tiny_model()
+    state = weights.unfuse({k: v.detach() for k, v in model.state_dict().items()}, model.config)
+    assert "layers.0.self_attn.q_proj.weight" in state and "layers.0.mlp.gate_proj.weight" in state
+    idx = torch.randint(0, 97, (1, 21))
+    with torch.no_grad():
+        want = reference_llama_logits(state, model.config, idx)
+        got = model(idx)[0]
+    assert (got - want).abs().max() < 1e-5
+    assert torch.equal(weights.fuse(dict(state), 4)["layers.2.self_attn.qkv_proj.weight"],
+                       model.layers[2].self_attn.qkv_proj.weight)   # stacking back is bit-exact

@@ -64,17 +64,17 @@ def test_skipped_token_kv_is_not_attended_under_drop():
     j = int((~sel[:-1]).nonzero()[0, 0])        # a skipped token with later tokens after it
     base = model(idx)[0]
     attn = model.layers[1].self_attn
-    original = attn.v_proj.forward
+    original = attn.qkv_proj.forward
 
     def perturbed(x):                             # change only token j's value vector
         out = original(x).clone()
         if out.size(1) > j:
-            out[:, j] += 5.0
+            out[:, j, -attn.sizes[2]:] += 5.0
         return out
 
-    attn.v_proj.forward = perturbed
+    attn.qkv_proj.forward = perturbed
     moved = model(idx)[0]
-    attn.v_proj.forward = original
+    attn.qkv_proj.forward = original
     assert (moved - base).abs().max() < 1e-6
 
 
@@ -212,7 +212,7 @@ def test_mod_topk_routes_exactly_topk_at_original_positions():
     T = 16
     x = torch.randn(1, T, 32)
     positions = torch.arange(T)[None]
-    rope = rope_tables(positions, 8, 10000.0, x.dtype)
+    rope = rope_tables(positions, 8, 10000.0)
     valid = torch.ones(1, T, dtype=torch.bool)
     rule = Rule("topk", capacity=torch.tensor([0.25], dtype=torch.float64))
     with torch.no_grad():
@@ -224,7 +224,7 @@ def test_mod_topk_routes_exactly_topk_at_original_positions():
         dense.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("router")})
         sub = x[:, top]
         sub_valid = torch.ones(1, 4, dtype=torch.bool)
-        sub_rope = rope_tables(positions[:, top], 8, 10000.0, x.dtype)
+        sub_rope = rope_tables(positions[:, top], 8, 10000.0)
         sub_out, _ = dense(sub, Context(sub_rope, sub_valid, sub_valid, None, rule, causal_only=True), 0)
         want = x.clone()
         want[:, top] = sub + p[top][None, :, None] * (sub_out - sub)

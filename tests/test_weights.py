@@ -37,10 +37,21 @@ def test_expanded_routed_model_round_trips(tmp_path):
 
 
 def hf_llama_folder(model, folder):
-    """A folder written the way HF transformers writes Llama (no nanodlo key)."""
+    """A folder written the way HF transformers writes Llama (no nanodlo key): separate
+    q/k/v and gate/up matrices, split here by hand from our fused ones."""
     from safetensors.torch import save_file
-    cfg = model.config
-    state = {("model." + k if k != "lm_head.weight" else k): v.contiguous() for k, v in model.state_dict().items()}
+    cfg, hs, I = model.config, model.config.head_dim, model.config.intermediate_size
+    state = {}
+    for k, v in model.state_dict().items():
+        if "qkv_proj" in k:
+            for part, t in zip("qkv", v.split([cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs])):
+                state[k.replace("qkv_proj", f"{part}_proj")] = t
+        elif "gate_up_proj" in k:
+            for part, t in zip(("gate", "up"), v.split([I, I])):
+                state[k.replace("gate_up_proj", f"{part}_proj")] = t
+        else:
+            state[k] = v
+    state = {("model." + k if k != "lm_head.weight" else k): v.contiguous() for k, v in state.items()}
     save_file(state, os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({"model_type": "llama", "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
@@ -61,11 +72,10 @@ def test_loads_genuine_hf_llama_and_gpt2_names(tmp_path):
     sd = {k: v for k, v in gpt2.state_dict().items() if k != "lm_head.weight"}
     hf = {"transformer.wte.weight": sd.pop("embed_tokens.weight"), "transformer.wpe.weight": sd.pop("pos_embed.weight"),
           "transformer.ln_f.weight": sd.pop("norm.weight"), "transformer.ln_f.bias": sd.pop("norm.bias")}
-    for i in range(4):   # Conv1D stores (in, out); c_attn is q, k, v side by side
+    for i in range(4):   # Conv1D stores (in, out); c_attn is q, k, v side by side, as our qkv_proj
         g = lambda n: sd[f"layers.{i}.{n}"]
-        hf[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(
-            [g(f"self_attn.{n}_proj.weight") for n in "qkv"]).t().contiguous()
-        hf[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat([g(f"self_attn.{n}_proj.bias") for n in "qkv"])
+        hf[f"transformer.h.{i}.attn.c_attn.weight"] = g("self_attn.qkv_proj.weight").t().contiguous()
+        hf[f"transformer.h.{i}.attn.c_attn.bias"] = g("self_attn.qkv_proj.bias")
         hf[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))   # old causal buffer
         for hf_name, ours in (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"),
                               ("mlp.c_proj", "mlp.down_proj")):
@@ -126,7 +136,8 @@ def write_gguf(model, path, quant=None):
     def permute(t, heads):
         return t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
 
-    for key, t in model.state_dict().items():
+    state = weights.unfuse({k: v.detach() for k, v in model.state_dict().items()}, cfg)   # GGUF: HF's matrices
+    for key, t in state.items():
         t = t.numpy().astype(np.float32)
         if key == "lm_head.weight":
             continue
@@ -161,7 +172,7 @@ def test_gguf_dequantizes(tmp_path, quant, tol):
     model = tiny_model(intermediate_size=64, n_embd=64, n_head=4, n_kv_head=2)
     write_gguf(model, tmp_path / "q.gguf", getattr(gguf.GGMLQuantizationType, quant))
     loaded = weights.load_gguf(str(tmp_path / "q.gguf"))
-    a, b = model.layers[1].mlp.up_proj.weight.detach(), loaded.layers[1].mlp.up_proj.weight.detach()
+    a, b = model.layers[1].mlp.gate_up_proj.weight.detach(), loaded.layers[1].mlp.gate_up_proj.weight.detach()
     assert 0 < float((a - b).abs().max()) < tol * float(a.detach().abs().max())
 
 
