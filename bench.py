@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import dlo
 import kernels
 import weights
+from model import pick_device
 from router import Rule
 from sample import generate, generate_stream
 
@@ -161,7 +162,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.quick:
         args.fractions, args.new_tokens, args.repeats = "0.5", 24, 2
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     torch.manual_seed(0)
     base = weights.from_pretrained(args.init_from).to(device).eval()
     ppl = hamlet_perplexity(base)

@@ -22,16 +22,15 @@ Writes a Markdown table and JSON (with per-conversation losses).
 """
 import argparse
 import json
-import math
 import os
 import time
 
-import numpy as np
 import torch
 
+import evaluate
 import train
 import weights
-from router import Rule, routable_tokens, select_topk
+from model import pick_device, pick_dtype
 from sample import generate
 
 DLO = "--placement interleave --n_new 10 --route mlp"
@@ -83,43 +82,15 @@ def decode_speed(model, n_tokens):
     return n_tokens / (time.perf_counter() - t0)
 
 
-def paired_difference(a, b):
-    """Mean loss of a minus b on the same conversations, and its SE over conversations."""
-    d, n = np.asarray(a["row_sums"]) - np.asarray(b["row_sums"]), np.asarray(a["row_counts"], dtype=np.float64)
-    mean, k = d.sum() / n.sum(), len(d)
-    return mean, math.sqrt(k / max(1, k - 1) * ((d - mean * n) ** 2).sum()) / n.sum()
-
-
-def oracle_rule(fractions):
-    """Per batch: a dense pass gives every routed layer's similarities; then each layer
-    runs its least-similar routable tokens, at the given per-layer fraction."""
-    def rule(model, x, valid):
-        model(x, valid=valid, rule=Rule("all", similarity=True))
-        masks = [select_topk(-t.sim, t.routable, f) for t, f in zip(model.route_trace, fractions)]
-        return Rule("mask", masks=masks)
-    return rule
-
-
-def random_rule(fractions, seed=0):
-    """Per batch and layer, a random subset of the routable tokens, at the given fraction."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rule(model, x, valid):
-        routable = routable_tokens(valid, torch.arange(x.size(1), device=x.device), model.config.route_sink_tokens)
-        masks = [select_topk(torch.rand(x.shape, generator=g).to(x.device), routable, f) for f in fractions]
-        return Rule("mask", masks=masks)
-    return rule
-
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = pick_device()
 
 
 def evaluate_checkpoint(path, cfg, rule=None):
     """The held-out evaluation train.py ends with, on the saved model, with any rule."""
     model = weights.model_from_checkpoint(weights.load_checkpoint(path)).to(DEVICE).eval()
-    data = train.load_data(cfg, "val", cfg.init_from)
-    result = train.evaluate(model, data, data.val_rows(cfg.eval_rows), rule or model.default_rule(),
-                            cfg.batch_size, DEVICE, train.train_dtype(cfg.dtype, DEVICE))
+    data = train.load_data(cfg, "val")
+    result = evaluate.evaluate(model, data, data.val_rows(cfg.eval_rows), rule or model.default_rule(),
+                               cfg.batch_size, DEVICE, pick_dtype(cfg.dtype, DEVICE))
     return model, result
 
 
@@ -153,9 +124,7 @@ def run_method(name, args):
     row["decode_tok_s"] = decode_speed(model, args.decode_tokens) if args.decode_tokens else None
     rows = [row]
     if model.config.route == "mlp" and cfg.train_rule == "topk":
-        controls = {"oracle": oracle_rule(after["routed_frac"]), "random": random_rule(after["routed_frac"]),
-                    "p>=0.5": Rule("threshold", 0.5)}
-        for control, rule in controls.items():
+        for control, rule in evaluate.controls(after).items():
             _, result = evaluate_checkpoint(ckpt, cfg, rule)
             rows.append({**row, "method": f"{name}, {control}", "eval": result, "decode_tok_s": None,
                          "exec_infer": result["exec_frac_infer"] * model.config.n_layer,
@@ -163,20 +132,30 @@ def run_method(name, args):
     return rows
 
 
+def difference(row, other):
+    """`row` minus `other` on the same conversations, as text with its SE."""
+    if other is None or row is other:
+        return "-"
+    d, se = evaluate.paired_difference(row["eval"], other["eval"])
+    return f"{d:+.4f} ± {se:.4f}"
+
+
 def table(results):
-    base = next((r for r in results if r["method"] == "base"), None)
-    lines = ["| method | layers | loss before | loss after ± SE | vs base ± SE | layers run (infer / train) "
-             "| GFLOPs/token | KV bytes/token | decode tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+    """The Markdown table, then each routed method against its controls."""
+    by_name = {r["method"]: r for r in results}
+    base, dense = by_name.get("base"), by_name.get("dense")
+    lines = ["| method | layers | loss before | loss after ± SE | vs base | vs dense | layers run (infer / train) "
+             "| GFLOPs/token | KV bytes/token | decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        ev = r["eval"]
-        diff = "-"
-        if base is not None and r is not base:
-            d, se = paired_difference(ev, base["eval"])
-            diff = f"{d:+.3f} ± {se:.3f}"
         speed = f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else "-"
-        lines.append(f"| {r['method']} | {r['layers']} | {r['loss_before']:.3f} | {ev['val_loss']:.3f} ± "
-                     f"{ev['val_se']:.3f} | {diff} | {r['exec_infer']:.2f} / {r['exec_train']:.2f} "
-                     f"| {r['gflops_per_token']:.3f} | {r['kv_bytes_per_token']:,.0f} | {speed} |")
+        lines.append(f"| {r['method']} | {r['layers']} | {r['loss_before']:.3f} | {r['eval']['val_loss']:.4f} ± "
+                     f"{r['eval']['val_se']:.3f} | {difference(r, base)} | {difference(r, dense)} "
+                     f"| {r['exec_infer']:.2f} / {r['exec_train']:.2f} | {r['gflops_per_token']:.3f} "
+                     f"| {r['kv_bytes_per_token']:,.0f} | {speed} |")
+    for name, r in by_name.items():
+        if f"{name}, random" in by_name:
+            lines.append(f"\n{name} - random: {difference(r, by_name[f'{name}, random'])}; {name} - oracle: "
+                         f"{difference(r, by_name[f'{name}, oracle'])} (paired over the same conversations)")
     return "\n".join(lines)
 
 

@@ -184,6 +184,19 @@ def prepare_shakespeare(out_dir, tok, val_play="hamlet"):
     return meta
 
 
+def open_split(dataset, data_dir, split, seq_len, max_convs=0, tokenizer=None):
+    """TokenData of one split, preparing the dataset first if it is not on disk yet.
+    tokenizer: a function returning the tokenizer, called only to prepare."""
+    name = f"{dataset}-{max_convs}" if dataset == "sharegpt" and max_convs else dataset
+    path = os.path.join(data_dir, name)
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        if dataset == "sharegpt":
+            prepare_sharegpt(path, tokenizer(), max_convs=max_convs or None)
+        else:
+            prepare_shakespeare(path, tokenizer())
+    return TokenData(path, split, seq_len)
+
+
 class TokenData:
     """Rows of one prepared split. Chat data: a row per conversation, cropped and padded.
     Text data: consecutive windows of seq_len + 1 tokens."""

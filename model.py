@@ -19,6 +19,7 @@ Notable features
   token without the cache ever losing its place
 - FLOP and KV-byte estimators that account for skipped work
 """
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -491,3 +492,25 @@ class GPT(nn.Module):
     def clear_caches(self):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
+
+
+# ---- where it runs ------------------------------------------------------------------
+
+def pick_device(name="auto"):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def pick_dtype(name, device):
+    """"auto": bf16 autocast where the hardware computes in bf16, CUDA GPUs that support it
+    and CPUs with AVX512-BF16 or AMX; other CPUs emulate bf16 slowly and stay in fp32."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bfloat16" if any(native) else "float32"
+
+
+def autocast(device, dtype):
+    """Mixed precision for training and evaluation: fp32 weights, bf16 matmuls."""
+    return nullcontext() if dtype == "float32" else torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import weights
+from model import pick_device
 from router import Rule
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
@@ -205,7 +206,7 @@ def pieces_of(tok, ids):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     try:
         model, tok, _ = weights.load(args.init_from, getattr(torch, args.dtype))
         prompt = args.prompt

@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 import dlo
 import weights
-from data import TokenData, prepare_shakespeare, prepare_sharegpt
-from router import (CapacitySchedule, Rule, dynamic_lr_scales, executed_fraction, make_labels,
-                    routable_tokens, router_agreement, router_loss, thresholds_from_topk)
+import evaluate
+from model import autocast, pick_device, pick_dtype
+from router import CapacitySchedule, Rule, dynamic_lr_scales, executed_fraction, make_labels, routable_tokens, router_loss
 
 
 @dataclass
@@ -183,17 +183,8 @@ def build_model(cfg, calibration):
     return model
 
 
-def load_data(cfg, split, tok_source):
-    name = f"{cfg.dataset}-{cfg.max_convs}" if cfg.dataset == "sharegpt" and cfg.max_convs else cfg.dataset
-    path = os.path.join(cfg.data_dir, name)
-    if not os.path.exists(os.path.join(path, "meta.json")):
-        from tokenizer import load_tokenizer
-        tok = load_tokenizer(weights.tokenizer_source(tok_source))
-        if cfg.dataset == "sharegpt":
-            prepare_sharegpt(path, tok, max_convs=cfg.max_convs or None)
-        else:
-            prepare_shakespeare(path, tok)
-    return TokenData(path, split, cfg.seq_len)
+def load_data(cfg, split):
+    return evaluate.held_out(dataclasses.asdict(cfg), split)
 
 
 def lr_at(step, cfg):
@@ -222,24 +213,6 @@ def param_groups(model, router_lr_scale=1.0, new_lr_scale=1.0):
     return [g for g in groups if g["params"]]
 
 
-def train_dtype(name, device):
-    """bf16 autocast where the hardware computes in bf16: CUDA GPUs that support it, and
-    CPUs with AVX512-BF16 or AMX (~5x fp32's matmul speed on this project's 2-core
-    machine); other CPUs emulate bf16 slowly, so they stay in fp32."""
-    if name != "auto":
-        return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return "bfloat16" if any(native) else "float32"
-
-
-def autocast(device, dtype):
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-
-
 def process_group_backend():
     """gloo for CPU tensors and, with CUDA, NCCL for GPU tensors: NCCL serves only CUDA
     tensors, and a few counters here live on the CPU. The CPU build has no NCCL."""
@@ -258,73 +231,6 @@ def set_backbone_trainable(model, trainable):
         for name, p in model.named_parameters():
             if not name.startswith("layers."):
                 p.requires_grad_(trainable)
-
-
-def row_stats(row_sums, row_counts):
-    """Mean loss per target token and its standard error, with conversations as clusters:
-    tokens of one conversation are not independent, so the SE comes from per-row sums."""
-    s, n = np.asarray(row_sums, dtype=np.float64), np.asarray(row_counts, dtype=np.float64)
-    mean = s.sum() / n.sum()
-    k = len(s)
-    se = math.sqrt(k / max(1, k - 1) * ((s - mean * n) ** 2).sum()) / n.sum()
-    return mean, se
-
-
-@torch.no_grad()
-def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, label_capacity=None):
-    """Held-out loss (mean and SE over rows), the executed fraction of all layers with the
-    same denominator as training, per-layer fractions (over real tokens, and per routed
-    layer over its routable tokens), and the routers' agreement with the labels. `rule`: a Rule, or a function (model, x, valid) -> Rule for rules that need
-    a look at the batch first (the label oracle, the random control)."""
-    model.eval()
-    sums, counts, ran, agree = [], [], torch.zeros(model.config.n_layer, dtype=torch.float64), []
-    n_valid, exec_total = 0, 0.0
-    routed_ran = torch.zeros(len(model.config.routed_ids()), dtype=torch.float64)
-    routable = torch.zeros_like(routed_ran)
-    with autocast(device, dtype):
-        for i in range(0, len(rows), batch_size):
-            x, y, valid = (t.to(device) for t in data.batch(rows[i:i + batch_size]))
-            r = rule(model, x, valid) if callable(rule) else rule
-            if labels in ("cos", "cos-global"):
-                r = dataclasses.replace(r, similarity=True)
-            _, tok_loss = model(x, y, valid=valid, rule=r, reduction="none")
-            sums += tok_loss.sum(1).tolist()
-            counts += (y != -1).sum(1).tolist()
-            traces, nv = model.route_trace, int(valid.sum())
-            exec_total += float(executed_fraction(traces, model.config.n_layer, nv)) * nv
-            n_valid += nv
-            per_layer = [nv] * model.config.n_layer   # unrouted layers run every real token
-            for slot, t in enumerate(traces):
-                per_layer[t.layer] = int((t.sel & t.valid).sum())
-                routed_ran[slot] += int((t.sel & t.routable).sum())
-                routable[slot] += int(t.routable.sum())
-            ran += torch.tensor(per_layer, dtype=torch.float64)
-            if traces and labels in ("cos", "cos-global"):
-                agree.append(router_agreement(traces, make_labels(traces, labels, label_capacity)[0]))
-    model.train()
-    loss, se = row_stats(sums, counts)
-    out = {"val_loss": loss, "val_se": se, "exec_frac_infer": exec_total / n_valid,
-           "exec_per_layer": (ran / n_valid).tolist(), "routed_frac": (routed_ran / routable.clamp(min=1)).tolist(),
-           "row_sums": sums, "row_counts": counts}
-    if agree:
-        out["router_agree"], out["router_bce"] = (float(np.mean([a[i] for a in agree])) for i in (0, 1))
-    return out
-
-
-@torch.no_grad()
-def calibrate(model, data, rows, capacities, device, dtype):
-    """One threshold per routed layer such that, on these held-out rows, `p >= t` runs
-    exactly the top-k fraction that training ran: one top-k pass at the training
-    capacities, all rows in one batch, each layer seeing the layers below it already
-    routed (see router.thresholds_from_topk). A layer trained at capacity 1 gets 0: it
-    runs every token, also the ones whose p falls below anything seen here."""
-    model.eval()
-    x, y, valid = (t.to(device) for t in data.batch(rows))
-    with autocast(device, dtype):
-        model(x, y, valid=valid, rule=Rule("topk", capacity=capacities.to(device)))
-    model.train()
-    found = thresholds_from_topk(model.route_trace)
-    return tuple(0.0 if c >= 1.0 else t for c, t in zip(capacities.tolist(), found))
 
 
 def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_route, frozen=False):
@@ -361,7 +267,7 @@ def check_same_architecture(cfg, saved, path):
                          f"({', '.join(changed)}); use another --out_dir or the checkpoint's flags")
 
 
-def save_checkpoint(path, model, optimizer, cfg, state, master):
+def save_checkpoint(path, model, optimizer, cfg, step, schedule, master):
     """Everything a resume needs, written atomically by rank 0. Under FSDP every rank
     takes part in gathering the full (unsharded) state first."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -370,18 +276,17 @@ def save_checkpoint(path, model, optimizer, cfg, state, master):
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():   # an update blew up: never let it replace the last good checkpoint
-        sys.exit(f"error: weights became non-finite by step {state['step']}; the last good checkpoint "
+        sys.exit(f"error: weights became non-finite by step {step}; the last good checkpoint "
                  f"({path}) is kept" if master else 1)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=full)
     if not master:
         return
-    weights.save_checkpoint(path, {
-        "model": model_state, "model_config": dataclasses.asdict(model.config),
-        "optimizer": optim_state, "train_config": dataclasses.asdict(cfg), **state,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    })
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    weights.save_checkpoint(path, weights.Checkpoint(
+        model=model_state, model_config=dataclasses.asdict(model.config), train_config=dataclasses.asdict(cfg),
+        step=step, optimizer=optim_state, schedule=schedule, rng=rng))
 
 
 class Trainer:
@@ -391,7 +296,7 @@ class Trainer:
     def __init__(self, cfg, model, train_data, val_data, resume, rank, world, device):
         self.cfg, self.model, self.train_data, self.val_data = cfg, model, train_data, val_data
         self.rank, self.world, self.device, self.master = rank, world, device, rank == 0
-        self.dtype = train_dtype(cfg.dtype, device)
+        self.dtype = pick_dtype(cfg.dtype, device)
         self.routed = model.config.routed_ids()
         self.sched = CapacitySchedule(len(self.routed), cfg.capacity_start, cfg.capacity_end,
                                       warmup=round(cfg.route_warmup * cfg.max_steps),
@@ -430,16 +335,16 @@ class Trainer:
 
     def restore(self, resume):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(self.model, self.optimizer, resume["optimizer"],
+        set_optimizer_state_dict(self.model, self.optimizer, resume.optimizer,
                                  options=StateDictOptions(full_state_dict=True))
-        rng = resume["rng"]
+        rng = resume.rng
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        self.sched.load_state_dict(resume["schedule"])
-        self.start_step = resume["step"]
+        self.sched.load_state_dict(resume.schedule)
+        self.start_step = resume.step
 
     def write(self, record):
         if self.master:
@@ -519,16 +424,16 @@ class Trainer:
 
     def calibrate(self, step):
         caps = self.sched.capacities(step)
-        return calibrate(self.model, self.val_data, self.calib_rows, caps, self.device, self.dtype)
+        return evaluate.calibrate(self.model, self.val_data, self.calib_rows, caps, self.device, self.dtype)
 
     def log_eval(self, step):
         """Held-out loss with the inference rule sample.py uses: calibrated thresholds first."""
         cfg = self.cfg
         if self.calibrating:   # on every rank: FSDP's forward is collective
             self.model.config.route_threshold = self.calibrate(step)
-        result = evaluate(self.model, self.val_data, self.eval_rows, self.model.default_rule(), cfg.batch_size,
-                          self.device, self.dtype, labels=cfg.labels if self.routed else None,
-                          label_capacity=self.sched.label_capacity(step))
+        result = evaluate.evaluate(self.model, self.val_data, self.eval_rows, self.model.default_rule(),
+                                   cfg.batch_size, self.device, self.dtype, labels=cfg.labels if self.routed else None,
+                                   label_capacity=self.sched.label_capacity(step))
         record = {"step": step, **{k: v for k, v in result.items() if not k.startswith("row_")}}
         if self.calibrating:
             record["thresholds"] = list(self.model.config.route_threshold)
@@ -536,8 +441,8 @@ class Trainer:
         return record
 
     def save(self, step):
-        save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.cfg,
-                        {"step": step, "schedule": self.sched.state_dict()}, self.master)
+        save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.cfg, step, self.sched.state_dict(),
+                        self.master)
 
     def run(self):
         cfg = self.cfg
@@ -573,7 +478,7 @@ def init_distributed(cfg):
     if "RANK" in os.environ:
         dist.init_process_group(process_group_backend())
         rank, world = dist.get_rank(), dist.get_world_size()
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -588,9 +493,8 @@ def main(argv=None):
     try:
         resume = weights.load_checkpoint(ckpt_path) if cfg.resume and os.path.exists(ckpt_path) else None
         if resume:
-            check_same_architecture(cfg, resume["train_config"], ckpt_path)
-        train_data = load_data(cfg, "train", cfg.init_from)
-        val_data = load_data(cfg, "val", cfg.init_from)
+            check_same_architecture(cfg, resume.train_config, ckpt_path)
+        train_data, val_data = load_data(cfg, "train"), load_data(cfg, "val")
         calibration = [(x, valid) for x, _, valid in
                        [train_data.batch(train_data.rows_at(0, cfg.batch_size, cfg.seed + 1))]]
         model = weights.model_from_checkpoint(resume) if resume else build_model(cfg, calibration)

@@ -17,6 +17,8 @@ Notable features
 import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -289,14 +291,32 @@ def ours_to_gpt2(state, cfg):
 
 # ---- training checkpoints ----------------------------------------------------------------
 
-def save_checkpoint(path, payload):
+@dataclass
+class Checkpoint:
+    """A training checkpoint: the model with its full config, and what train.py needs to
+    resume the very same run. This module alone knows how it is laid out on disk."""
+    model: dict                                          # the full (unsharded) state dict
+    model_config: dict                                   # GPTConfig's fields: rebuilds the model alone
+    train_config: dict = field(default_factory=dict)     # train.TrainConfig's fields
+    step: int = 0                                        # optimizer steps done; fixes the data position
+    optimizer: Optional[dict] = None
+    schedule: dict = field(default_factory=dict)         # router.CapacitySchedule's state
+    rng: dict = field(default_factory=dict)
+
+    @property
+    def base(self):
+        """The model this run started from: its tokenizer is the checkpoint's."""
+        return self.train_config.get("init_from", "smollm2")
+
+
+def save_checkpoint(path, ckpt):
     """torch.save to a temp file, fsync, then rename: a crash never leaves a broken file
     under `path`, and the previous checkpoint stays until the new one is whole."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            torch.save(dict(vars(ckpt)), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -309,37 +329,39 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise WeightsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+    if not isinstance(saved, dict) or "model_config" not in saved or "model" not in saved:
         raise WeightsError(f"{path}: not a nanoDLO training checkpoint (no model or model_config)")
-    return ckpt
+    return Checkpoint(**{f.name: saved[f.name] for f in dataclasses.fields(Checkpoint) if f.name in saved})
 
 
 def model_from_checkpoint(ckpt, dtype=torch.float32):
-    """The exact trained model (depth, routers, frozen layers) from the checkpoint alone."""
-    return build(GPTConfig(**ckpt["model_config"]), dict(ckpt["model"]), "checkpoint").to(dtype).eval()
+    """The exact trained model (depth, routers, thresholds, frozen layers) from the checkpoint alone."""
+    return build(GPTConfig(**ckpt.model_config), dict(ckpt.model), "checkpoint").to(dtype).eval()
 
 
 def load(source="smollm2", dtype=torch.float32):
-    """(model, tokenizer, meta) from any source. meta: a checkpoint's training config and
-    step, {} for pretrained weights. A checkpoint's tokenizer is its base model's."""
+    """(model, tokenizer, checkpoint) from any source: the Checkpoint of a .pt (its
+    training config, step and routing schedule), None for pretrained weights."""
     if not source.endswith(".pt"):
-        return from_pretrained(source, dtype), load_tokenizer(source), {}
+        return from_pretrained(source, dtype), load_tokenizer(source), None
     ckpt = load_checkpoint(source)
-    meta = {"train_config": ckpt.get("train_config", {}), "step": ckpt.get("step")}
-    return model_from_checkpoint(ckpt, dtype), load_tokenizer(checkpoint_base(ckpt)), meta
+    return model_from_checkpoint(ckpt, dtype), load_tokenizer(ckpt.base), ckpt
 
 
-def checkpoint_base(ckpt):
-    """The model a checkpoint was trained from: its tokenizer is the checkpoint's."""
-    return ckpt.get("train_config", {}).get("init_from", "smollm2")
+def set_thresholds(path, thresholds):
+    """Rewrite a checkpoint with new calibrated routing thresholds (evaluate.py --calibrate)."""
+    ckpt = load_checkpoint(path)
+    ckpt.model_config = {**ckpt.model_config, "route_threshold": tuple(thresholds)}
+    GPTConfig(**ckpt.model_config)   # one per routed layer, or a clear error before writing
+    save_checkpoint(path, ckpt)
 
 
 def tokenizer_source(source):
     """Where the tokenizer of `source` lives."""
-    return checkpoint_base(load_checkpoint(source)) if source.endswith(".pt") else source
+    return load_checkpoint(source).base if source.endswith(".pt") else source
 
 
 def from_pretrained(source="smollm2", dtype=torch.float32):

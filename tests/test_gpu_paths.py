@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dlo
+import evaluate
 import train
 from conftest import tiny_model
 from router import Rule
@@ -98,8 +99,8 @@ def test_evaluation_and_routed_generation_under_autocast():
         def batch(self, r):
             return x[list(r)], y[list(r)], valid[list(r)]
 
-    out = train.evaluate(model, Data(), range(4), Rule("threshold", 0.5), 2, "cpu", "bfloat16",
-                         labels="cos-global", label_capacity=0.8)
+    out = evaluate.evaluate(model, Data(), range(4), Rule("threshold", 0.5), 2, "cpu", "bfloat16",
+                            labels="cos-global", label_capacity=0.8)
     assert torch.isfinite(torch.tensor(out["val_loss"])) and 0 < out["exec_frac_infer"] <= 1
     for method in ("dlo-cos-global", "modification-drop", "mod"):
         model = routed(METHODS[method]).eval()

@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
 def flags(setup, out, **over):
     base = dict(init_from=setup / "model", data_dir=setup / "data", placement="interleave", n_new=2,
                 route="mlp", labels="cos-global", route_warmup=0.25, route_anneal=0.5, capacity_end=0.6, seq_len=32,
-                batch_size=2, dtype="float32", calib_rows=4,
+                batch_size=2, dtype="float32", calib_rows=4, routed="all", new_lr_scale=1, router_lr_scale=1,
                 grad_accum=4, max_steps=8, lr=3e-3, eval_every=4, eval_rows=4, ckpt_every=2, out_dir=out)
     base.update(over)
     return [f"--{k}={v}" for k, v in base.items()]
@@ -83,7 +83,7 @@ def test_sigkill_then_resume_matches_uninterrupted(setup):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = weights.load_checkpoint(str(out / "ckpt.pt"))["step"]
+    killed_at = weights.load_checkpoint(str(out / "ckpt.pt")).step
     assert 0 < killed_at < 200, "the run must die mid-way"
     r = run(flags(setup, out, resume=True, **long))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -103,21 +103,22 @@ def test_warmup_skips_nothing_then_training_and_inference_fractions_agree(setup,
     final = evals[-1]
     assert len(final["thresholds"]) == 6 and final["exec_frac_infer"] < 0.97
     ckpt = weights.load_checkpoint(str(single / "ckpt.pt"))
-    assert tuple(ckpt["model_config"]["route_threshold"]) == tuple(final["thresholds"])
+    assert tuple(ckpt.model_config["route_threshold"]) == tuple(final["thresholds"])
 
 
 def test_calibrate_on_demand_moves_the_thresholds(setup, single, tmp_path):
     path = tmp_path / "ckpt.pt"
     shutil.copy(single / "ckpt.pt", path)
-    before = weights.load_checkpoint(str(path))["model_config"]["route_threshold"]
-    r = subprocess.run([sys.executable, "calibrate.py", str(path), "--capacity", "0.3"], cwd=ROOT,
+    before = weights.load_checkpoint(str(path)).model_config["route_threshold"]
+    r = subprocess.run([sys.executable, "evaluate.py", str(path), "--calibrate", "0.3", "--controls"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    after = weights.load_checkpoint(str(path))["model_config"]["route_threshold"]
+    after = weights.load_checkpoint(str(path)).model_config["route_threshold"]
     assert len(after) == len(before) and sum(after) > sum(before)   # skipping more needs higher thresholds
-    r = subprocess.run([sys.executable, "calibrate.py", str(path), "--capacity", "1.5"], cwd=ROOT,
+    assert all(name in r.stdout for name in ("routers:", "oracle:", "random:", "p>=0.5:"))
+    r = subprocess.run([sys.executable, "evaluate.py", str(path), "--calibrate", "1.5"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --capacity")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --calibrate")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -144,15 +145,16 @@ def test_torchrun_two_ranks_match_one_process(setup, single, mode):
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    weights.save_checkpoint(path, {"model": {}, "model_config": {}, "step": 1})
+    weights.save_checkpoint(path, weights.Checkpoint(model={}, model_config={}, step=1))
 
     class Boom:
         def __reduce__(self):
             raise KeyboardInterrupt("killed mid-write")
 
     with pytest.raises(KeyboardInterrupt):
-        weights.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "model_config": {}, "late": Boom()})
-    assert weights.load_checkpoint(path)["step"] == 1
+        weights.save_checkpoint(path, weights.Checkpoint(model={"w": torch.zeros(1000)}, model_config={},
+                                                         train_config={"late": Boom()}))
+    assert weights.load_checkpoint(path).step == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -195,7 +197,7 @@ def test_checkpoint_from_another_architecture_is_refused(setup, single):
     other = setup / "other"   # a checkpoint whose config does not match its tensors
     other.mkdir(exist_ok=True)
     ckpt = weights.load_checkpoint(str(single / "ckpt.pt"))
-    ckpt["model_config"]["intermediate_size"] = 64
+    ckpt.model_config["intermediate_size"] = 64
     weights.save_checkpoint(str(other / "ckpt.pt"), ckpt)
     r = run(flags(setup, other, resume=True))
     assert r.returncode != 0 and "has shape" in r.stderr.strip().splitlines()[-1]
@@ -208,4 +210,4 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup):
     last = r.stderr.strip().splitlines()[-1].lower()
     assert r.returncode != 0 and "last good checkpoint" in last and ("non-finite" in last or "loss is" in last)
     ckpt = weights.load_checkpoint(str(out / "ckpt.pt"))
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt.model.values())

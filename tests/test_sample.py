@@ -27,9 +27,9 @@ def folders(tmp_path_factory):
     with torch.no_grad():
         for layer in routed.layers:
             layer.router.weight.normal_(0, 0.5)
-    weights.save_checkpoint(str(d / "routed.pt"), {
-        "model": routed.state_dict(), "model_config": dataclasses.asdict(routed.config),
-        "train_config": {"init_from": str(d / "dense")}})
+    weights.save_checkpoint(str(d / "routed.pt"), weights.Checkpoint(
+        model=routed.state_dict(), model_config=dataclasses.asdict(routed.config),
+        train_config={"init_from": str(d / "dense")}))
     return d
 
 
