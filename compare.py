@@ -30,7 +30,7 @@ import torch
 import evaluate
 import train
 import weights
-from model import pick_device, pick_dtype
+from weights import pick_device, pick_dtype
 from sample import generate
 
 DLO = "--placement interleave --n_new 10 --route mlp"

@@ -38,6 +38,9 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assist
          "bard": "assistant", "system": "system"}
 
 
+DATASETS = ("sharegpt", "shakespeare")
+
+
 class DataError(ValueError):
     pass
 

@@ -17,6 +17,7 @@ import torch
 from model import GPT, Block
 
 INITS = ("zeros", "copy", "random", "merge-linear", "merge-slerp")
+PLACEMENTS = ("interleave", "tli", "stack", "index")
 
 
 class ExpansionError(ValueError):
@@ -158,7 +159,7 @@ def expand(model, placement="interleave", n_new=0, init="zeros", every_k=0, trim
     elif placement == "index":
         plan = index_plan(L, list(after), init)
     else:
-        raise ExpansionError(f"unknown placement {placement!r}: use interleave, tli, stack or index")
+        raise ExpansionError(f"unknown placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
     new = rebuild(model, plan)
     if freeze_original:
         new = freeze(new, [j for j in range(new.config.n_layer) if j not in new.config.new_layers])

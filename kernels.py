@@ -105,9 +105,10 @@ def route_gather_reference(x, h, router_weight, norm_weight, eps, threshold=None
 
 def scale_scatter_reference(base, idx, y, gate, inplace=False):
     """base (N, C) with base[idx] += gate[idx, None] * y; gate (N,) fp32, e.g. DLO's g(p).
-    Out of place unless inplace=True, as model.add_rows."""
+    Out of place unless inplace=True. The product is rounded to y's dtype, then added in
+    base's: under autocast the branch is bf16 and the residual stream stays fp32."""
     add = base.index_add_ if inplace else base.index_add
-    return add(0, idx, y * gate[idx, None].to(y.dtype))
+    return add(0, idx, (y * gate[idx, None].to(y.dtype)).to(base.dtype))
 
 
 def route_mlp_reference(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight,
@@ -389,3 +390,21 @@ def route_mlp(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weig
     fn = route_mlp_triton if fused else route_mlp_reference
     return fn(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight, down_weight,
               gap, inplace, always)
+
+
+def routed_mlp(x, h, router_weight, norm, mlp, threshold, routable, sinks, gap, decode):
+    """DLO's routed MLP at inference, fused (model.Block.mlp_routed_fused): h plus
+    g(p) * mlp(norm(h)) on the tokens with p >= threshold, and the sinks. x, h (N, C);
+    norm, mlp: the block's RMSNorm and SwiGLU MLP. Decode (a token per row): route_mlp,
+    with no host sync. Prefill: route_gather, the MLP on the packed rows, then
+    scale_scatter into h in place (h is the block's own fresh tensor).
+    Returns (out, p, sel), each over the N tokens."""
+    if decode:
+        gate, up = mlp.gate_up_proj.weight.chunk(2)
+        return route_mlp(x, h, router_weight, norm.weight, norm.eps, threshold, routable, gate, up,
+                         mlp.down_proj.weight, gap, inplace=True, always=sinks)
+    p, idx, rows = route_gather(x, h, router_weight, norm.weight, norm.eps, threshold=threshold, valid=routable,
+                                always=sinks)
+    out = scale_scatter(h, idx, mlp(rows), 1.0 + gap * (p - 0.5), inplace=True)
+    sel = torch.zeros(x.size(0), dtype=torch.bool, device=x.device).index_fill_(0, idx, True)
+    return out, p, sel

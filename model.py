@@ -3,23 +3,18 @@ The nanoDLO model: a Llama-style decoder (GPT-2 as a config variant) whose block
 can each carry a router that skips work per token.
 
 Notable features
-- RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU, tied or untied
-  embeddings; arch="gpt2" swaps in LayerNorm, GELU and learned positions
-- module names equal HF Llama's (minus "model."), except that q/k/v and gate/up are
-  each one matmul (qkv_proj, gate_up_proj), which weights.py stacks and splits
-- routed blocks (router.py): skip the MLP only ("mlp", DLO's default: attention
-  always runs so the KV cache stays complete) or the whole block ("block"), with
-  the KV policy "compute" (skipped tokens still write K/V) or "drop" (they write
-  none, and later tokens attend only to tokens that ran the layer)
-- sink tokens: the first positions of each row run every routed layer
-- attention without a mask wherever a causal one is exact (SFT rows are right-padded),
-  so CUDA takes the flash kernel; the loss touches only positions with a target
-- a static, preallocated KV cache (gpt-fast style): the caller passes the cache
-  slots `input_pos` and the RoPE `positions` explicitly, so a layer can skip a
-  token without the cache ever losing its place
+- RMSNorm, rotate-half RoPE, GQA, SwiGLU; arch="gpt2" swaps in LayerNorm, GELU and
+  learned positions. Module names are HF Llama's, but q/k/v and gate/up are each one
+  matmul (qkv_proj, gate_up_proj), which weights.py stacks and splits
+- routed blocks (router.py) skip the MLP ("mlp", DLO's default: attention always runs,
+  so the KV cache stays complete) or the whole block ("block"), whose skipped tokens
+  still write K/V ("compute") or do not ("drop"); sink tokens always run
+- a static KV cache (gpt-fast style): the caller passes cache slots and RoPE positions,
+  so a layer can skip a token without the cache losing its place
+- no attention mask where a causal one is exact (SFT rows are right-padded): CUDA's
+  flash kernel; the loss runs the head on positions with a target only
 - FLOP and KV-byte estimators that account for skipped work
 """
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +28,9 @@ from router import Router, Rule, Trace, dlo_gate, layer_threshold, routable_toke
 # positions per lm_head call in the loss: at most LOSS_CHUNK x vocab fp32 logits alive
 # (805 MB for SmolLM2's 49,152 tokens)
 LOSS_CHUNK = 4096
+# the config's choices; train.py's flags take theirs from here
+CHOICES = {"arch": ("llama", "gpt2"), "route": ("none", "mlp", "block"), "kv_policy": ("compute", "drop"),
+           "route_gate": ("dlo", "mod")}
 
 
 @dataclass
@@ -65,12 +63,9 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("new_layers", "routed_layers", "frozen_layers"):
             setattr(self, name, tuple(getattr(self, name)))
-        if self.arch not in ("llama", "gpt2"):
-            raise ValueError(f"unknown arch {self.arch!r}: use llama or gpt2")
-        if self.route not in ("none", "mlp", "block"):
-            raise ValueError(f"unknown route {self.route!r}: use none, mlp or block")
-        if self.kv_policy not in ("compute", "drop"):
-            raise ValueError(f"unknown kv_policy {self.kv_policy!r}: use compute or drop")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}: use {', '.join(allowed)}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must divide by n_head, and n_head by n_kv_head")
         bad = [i for i in self.routed_layers + self.new_layers if not 0 <= i < self.n_layer]
@@ -226,16 +221,13 @@ class MLP(nn.Module):
 
 
 def add_rows(base, sel, gate, rows_fn):
-    """base + gate * rows_fn(rows) on the selected tokens only: gather, run, scatter.
-    Skipped tokens cost nothing; positions never move, so the residual is added once.
-    The rows are added in the residual's dtype: under autocast the branch returns bf16
-    and the residual stays fp32."""
+    """base + gate * rows_fn(rows) on the selected tokens only: gather, run, scatter
+    (kernels.scale_scatter). Skipped tokens cost nothing; positions never move, so the
+    residual is added once."""
     if not sel.any():   # e.g. a skipped token at batch-1 decode: nothing to run at all
         return base
-    flat = base.reshape(-1, base.size(-1))
     idx = sel.flatten().nonzero().squeeze(1)   # ascending token order
-    y = rows_fn(idx)
-    return flat.index_add(0, idx, (y * gate.flatten()[idx, None].to(y.dtype)).to(flat.dtype)).view_as(base)
+    return kernels.scale_scatter(base.reshape(-1, base.size(-1)), idx, rows_fn(idx), gate.flatten()).view_as(base)
 
 
 @dataclass
@@ -287,26 +279,15 @@ class Block(nn.Module):
                 and kernels.use_triton(x, self.router.weight, self.mlp.down_proj.weight))
 
     def mlp_routed_fused(self, x, ctx, threshold):
-        """mlp_routed through kernels.py. Prefill: one pass scores, selects and gathers the
-        normalised rows; a second adds g(p) * mlp(rows) back in place. Decode (one token per
-        row): route_mlp decides and skips on the device, so no routed layer waits on the host."""
+        """mlp_routed through kernels.routed_mlp: gather-and-scatter at prefill, a decision
+        read on the device at decode, so no routed layer waits on the host there."""
         h = x + self.attention(x, ctx)
         B, T, C = h.shape
-        norm, mlp, gap = self.post_attention_layernorm, self.mlp, self.cfg.route_gap
-        xf, hf = x.reshape(-1, C), h.reshape(-1, C)
-        routable, sinks = ctx.routable.flatten(), (ctx.valid & ~ctx.routable).flatten()
-        if T == 1:
-            gate, up = mlp.gate_up_proj.weight.chunk(2)
-            out, p, sel = kernels.route_mlp(xf, hf, self.router.weight, norm.weight, norm.eps, threshold, routable,
-                                            gate, up, mlp.down_proj.weight, gap, inplace=True, always=sinks)
-        else:
-            p, idx, rows = kernels.route_gather(xf, hf, self.router.weight, norm.weight, norm.eps,
-                                                threshold=threshold, valid=routable, always=sinks)
-            # h is this block's own fresh tensor: scatter into it instead of copying it
-            out = kernels.scale_scatter(hf, idx, mlp(rows), dlo_gate(p, gap), inplace=True)
-            sel = torch.zeros(B * T, dtype=torch.bool, device=x.device).index_fill_(0, idx, True)
-        trace = Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable)
-        return out.view_as(h), trace
+        norm, mlp = self.post_attention_layernorm, self.mlp
+        out, p, sel = kernels.routed_mlp(x.reshape(-1, C), h.reshape(-1, C), self.router.weight, norm, mlp,
+                                         threshold, ctx.routable.flatten(), (ctx.valid & ~ctx.routable).flatten(),
+                                         self.cfg.route_gap, decode=T == 1)
+        return out.view_as(h), Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable)
 
     def mlp_rows(self, h):
         return lambda idx: self.mlp(self.post_attention_layernorm(h.reshape(-1, h.size(-1))[idx]))
@@ -492,25 +473,3 @@ class GPT(nn.Module):
     def clear_caches(self):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-
-
-# ---- where it runs ------------------------------------------------------------------
-
-def pick_device(name="auto"):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-def pick_dtype(name, device):
-    """"auto": bf16 autocast where the hardware computes in bf16, CUDA GPUs that support it
-    and CPUs with AVX512-BF16 or AMX; other CPUs emulate bf16 slowly and stay in fp32."""
-    if name != "auto":
-        return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return "bfloat16" if any(native) else "float32"
-
-
-def autocast(device, dtype):
-    """Mixed precision for training and evaluation: fp32 weights, bf16 matmuls."""
-    return nullcontext() if dtype == "float32" else torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

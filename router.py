@@ -63,6 +63,9 @@ def dlo_gate(p, gap=0.05):
     return 1.0 + gap * (p - 0.5)
 
 
+RULES = ("topk", "threshold", "all", "mask")
+
+
 @dataclass
 class Rule:
     """How a forward pass turns router probabilities into 0/1 decisions.
@@ -146,7 +149,7 @@ def select(logit, routable, valid, rule, slot):
     elif rule.kind == "mask":
         sel = rule.masks[slot] & routable
     else:
-        raise ValueError(f"unknown routing rule {rule.kind!r}: use topk, threshold, all or mask")
+        raise ValueError(f"unknown routing rule {rule.kind!r}: use {', '.join(RULES)}")
     return sel | (valid & ~routable)
 
 
@@ -201,6 +204,9 @@ def keep_ties(sim, routable, k):
 
 def label_fractions(labels, traces):
     return torch.stack([(l & t.routable).sum() / t.routable.sum().clamp(min=1) for l, t in zip(labels, traces)])
+
+
+LABELS = ("cos", "cos-global", "self")   # train.py adds "none": no router loss
 
 
 def make_labels(traces, mode, capacity, ties="skip"):
@@ -258,6 +264,9 @@ def executed_fraction(traces, n_layer, n_valid):
 
 
 # ---- capacity schedule ---------------------------------------------------------------
+
+SPLITS = ("labels", "rescale")
+
 
 class CapacitySchedule:
     """Global capacity c_bar(step), and one capacity per routed layer.

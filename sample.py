@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import weights
-from model import pick_device
+from weights import pick_device
 from router import Rule
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
@@ -81,11 +81,18 @@ def prefill(model, batch, rule):
 
 
 def decode_one_token(model, token, slot, position, alive, rule):
-    """One token per row (B,) at cache `slot`, RoPE `position` (B, 1); rows that already
-    stopped are padding. Returns the next logits (B, V) and the layers run (B, n_layer)."""
-    slots = torch.full((1,), slot, dtype=torch.long, device=token.device)
-    logits, _ = model(token[:, None], input_pos=slots, positions=position, valid=alive[:, None], rule=rule)
+    """One token per row (B,) at cache slot `slot` (1,), RoPE `position` (B, 1); rows that
+    already stopped are padding. Returns the next logits (B, V) and the layers run
+    (B, n_layer). Every argument is a tensor of fixed shape, so the compiled step is
+    traced once and replayed for every token."""
+    logits, _ = model(token[:, None], input_pos=slot, positions=position, valid=alive[:, None], rule=rule)
     return logits[:, -1], (model.executed_map()[:, -1] if model.route_trace else None)
+
+
+# gpt-fast's compiled decode step: inductor fuses the per-layer elementwise ops, and on
+# CUDA "reduce-overhead" replays the whole step as one captured graph
+compiled_decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead" if torch.cuda.is_available()
+                                          else None, dynamic=False)
 
 
 @dataclass
@@ -99,9 +106,10 @@ class Step:
 
 @torch.no_grad()
 def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=(),
-                    rule=None, generator=None):
+                    rule=None, generator=None, compiled=False):
     """Yields one Step per new token. Prompts of different lengths are left-padded; the
-    context check happens here, once, not in every forward."""
+    context check happens here, once, not in every forward. compiled: decode with
+    compiled_decode_one_token (the first call compiles)."""
     device = model.embed_tokens.weight.device
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token")
@@ -117,6 +125,8 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
     try:
         logits, prompt_ran = prefill(model, batch, rule)
         ran, position = (prompt_ran[:, -1] if prompt_ran is not None else None), batch.positions[:, -1:] + 1
+        slot = torch.full((1,), P, dtype=torch.long, device=device)
+        decode = compiled_decode_one_token if compiled else decode_one_token
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             first = step == 0
@@ -124,8 +134,8 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
             done |= torch.isin(token, stop)
             if step == max_new_tokens - 1 or done.all():
                 break
-            logits, ran = decode_one_token(model, token, P + step, position, ~done, rule)
-            position = position + 1
+            logits, ran = decode(model, token, slot, position, ~done, rule)
+            slot, position = slot + 1, position + 1
     finally:
         model.clear_caches()
 
@@ -160,6 +170,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--depth_out", default="out/depth.html", help="token x layer picture (routed models)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (the first call compiles)")
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1 or (args.top_k is not None and args.top_k < 0):
         p.error("--top_p must be in (0, 1] and --top_k >= 0")
@@ -233,7 +244,7 @@ def main(argv=None):
         try:
             for step in generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature,
                                         top_k=args.top_k, top_p=args.top_p, stop_ids=[tok.eos_id, tok.im_end_id],
-                                        rule=rule, generator=generator):
+                                        rule=rule, generator=generator, compiled=args.compile):
                 t_first = t_first or time.time()   # the prompt's prefill ends with the first token
                 if step.prompt_ran is not None:     # the prompt's own depth, token by token
                     for piece, row in zip(pieces_of(tok, ids), step.prompt_ran[0][step.prompt_valid[0]].tolist()):

@@ -37,10 +37,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dlo
-import weights
 import evaluate
-from model import autocast, pick_device, pick_dtype
-from router import CapacitySchedule, Rule, dynamic_lr_scales, executed_fraction, make_labels, routable_tokens, router_loss
+import weights
+from data import DATASETS
+from model import CHOICES as MODEL_CHOICES
+from weights import autocast, pick_device, pick_dtype
+from router import (LABELS, SPLITS, CapacitySchedule, Rule, dynamic_lr_scales, executed_fraction, make_labels,
+                    routable_tokens, router_loss)
 
 
 @dataclass
@@ -107,11 +110,11 @@ class TrainConfig:
     device: str = "auto"
 
 
-CHOICES = {"placement": ("none", "interleave", "tli", "stack", "index", "lesa"), "init": dlo.INITS,
-           "route": ("none", "mlp", "block"), "kv_policy": ("compute", "drop"), "gate": ("dlo", "mod"),
-           "train_rule": ("topk", "threshold"), "labels": ("cos", "cos-global", "self", "none"),
-           "capacity_split": ("labels", "rescale"), "dataset": ("sharegpt", "shakespeare"),
-           "dist": ("ddp", "fsdp"), "dtype": ("auto", "float32", "bfloat16")}
+# each flag's choices, from the module that owns them
+CHOICES = {"placement": ("none",) + dlo.PLACEMENTS + ("lesa",), "init": dlo.INITS,
+           "route": MODEL_CHOICES["route"], "kv_policy": MODEL_CHOICES["kv_policy"], "gate": MODEL_CHOICES["route_gate"],
+           "train_rule": ("topk", "threshold"), "labels": LABELS + ("none",), "capacity_split": SPLITS,
+           "dataset": DATASETS, "dist": ("ddp", "fsdp"), "dtype": ("auto", "float32", "bfloat16")}
 
 
 def parse_args(argv=None):

@@ -17,6 +17,7 @@ Notable features
 import dataclasses
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -338,8 +339,10 @@ def load_checkpoint(path):
 
 
 def model_from_checkpoint(ckpt, dtype=torch.float32):
-    """The exact trained model (depth, routers, thresholds, frozen layers) from the checkpoint alone."""
-    return build(GPTConfig(**ckpt.model_config), dict(ckpt.model), "checkpoint").to(dtype).eval()
+    """The exact trained model (depth, routers, thresholds, frozen layers) from the checkpoint
+    alone; checkpoints from before q/k/v and gate/up were fused load too."""
+    cfg = GPTConfig(**ckpt.model_config)
+    return build(cfg, fuse(dict(ckpt.model), cfg.n_layer), "checkpoint").to(dtype).eval()
 
 
 def load(source="smollm2", dtype=torch.float32):
@@ -376,3 +379,25 @@ def from_pretrained(source="smollm2", dtype=torch.float32):
     if source.endswith(".pt"):
         return model_from_checkpoint(load_checkpoint(source), dtype)
     return load_gguf(source, dtype)
+
+
+# ---- where the weights run: one choice for train, evaluate, sample and bench ---------
+
+def pick_device(name="auto"):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def pick_dtype(name, device):
+    """"auto": bf16 where the hardware computes in bf16 (CUDA GPUs that support it, CPUs
+    with AVX512-BF16 or AMX); other CPUs emulate bf16 slowly and stay in fp32."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bfloat16" if any(native) else "float32"
+
+
+def autocast(device, dtype):
+    """Mixed precision for training and evaluation: fp32 weights, bf16 matmuls."""
+    return nullcontext() if dtype == "float32" else torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

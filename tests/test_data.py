@@ -1,35 +1,11 @@
 """ShareGPT parsing rules, prepared files, and the deterministic batch reader."""
-import json
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ByteTokenizer, write_sharegpt
 from data import DataError, TokenData, iter_sharegpt, prepare_sharegpt
-
-
-class ByteTokenizer:
-    """Bytes as tokens, with the chat mask rule of tokenizer.Tokenizer."""
-    vocab_size, eos_id, pad_id, im_end_id = 300, 256, 256, 257
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def encode_chat_with_mask(self, messages):
-        ids, mask = [], []
-        for m in messages:
-            head = self.encode(m["role"] + ":")
-            body = self.encode(m["content"]) + [self.im_end_id]
-            ids += head + body
-            mask += [False] * len(head) + [m["role"] == "assistant"] * len(body)
-        return ids, mask
-
-
-def write_sharegpt(path, records, cut=True):
-    text = json.dumps(records, indent=1)
-    if cut:   # like the real file: the last record is cut off mid-way
-        text = text[: text.rindex('"value"') + 12]
-    path.write_text(text)
 
 
 RECORDS = [

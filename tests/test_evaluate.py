@@ -2,18 +2,9 @@
 import pytest
 import torch
 
-import dlo
-from conftest import tiny_model
-from evaluate import calibrate, row_stats
-
-
-def routed_tiny(sink_tokens=0):
-    model = dlo.activate(tiny_model(), "mlp", sink_tokens=sink_tokens)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.router.weight.normal_(0, 0.5)
-    return model
+from conftest import routed_tiny
+from evaluate import calibrate, controls, evaluate, row_stats
+from router import Rule
 
 
 class Rows:
@@ -52,3 +43,24 @@ def test_row_stats_standard_error():
     assert mean == 3.0 and abs(se - 1.0) < 1e-12            # the SE of the mean of two rows
     mean, se = row_stats([3.0, 3.0, 6.0], [1, 1, 2])
     assert mean == 3.0 and se == 0.0                          # per-token means all equal
+
+
+def test_controls_run_the_same_fractions_as_the_routers():
+    """The oracle and random controls run each routed layer at the routers' own fraction of
+    routable tokens, never a sink or padding; the oracle picks the least-similar tokens."""
+    model = routed_tiny(sink_tokens=1)
+    data = Rows()
+    mine = evaluate(model, data, range(12), model.default_rule(), 4, "cpu", "float32")
+    assert 0.2 < sum(mine["routed_frac"]) / 4 < 0.8
+    for name, rule in controls(mine).items():
+        other = evaluate(model, data, range(12), rule, 4, "cpu", "float32")
+        if name != "p>=0.5":   # per batch of 4 rows, ceil(f * N): within a token per batch and layer
+            assert all(abs(a - b) < 0.1 for a, b in zip(other["routed_frac"], mine["routed_frac"]))
+    x, _, valid = data.batch(range(4))
+    rule = controls(mine)["oracle"](model, x, valid)
+    with torch.no_grad():
+        model(x, valid=valid, rule=Rule("all", similarity=True))
+    for mask, t in zip(rule.masks, model.route_trace):
+        assert not (mask & ~t.routable).any()
+        ran, skipped = t.sim[mask], t.sim[t.routable & ~mask]
+        assert ran.numel() == 0 or skipped.numel() == 0 or ran.max() <= skipped.min()

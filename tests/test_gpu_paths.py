@@ -185,8 +185,8 @@ def test_fused_decode_step_never_waits_on_the_host():
         logits, _ = prefill(model, batch, rule)
         token = logits.argmax(-1)
         with torch.profiler.profile() as prof:
-            logits, ran = decode_one_token(model, token, 4, batch.positions[:, -1:] + 1, torch.ones(2, dtype=torch.bool),
-                                           rule)
+            logits, ran = decode_one_token(model, token, torch.tensor([4]), batch.positions[:, -1:] + 1,
+                                           torch.ones(2, dtype=torch.bool), rule)
         model.clear_caches()
         return logits, ran, {e.key for e in prof.key_averages()}
 

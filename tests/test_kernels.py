@@ -273,3 +273,45 @@ def test_route_mlp_autograd_takes_the_reference_and_gets_gradients():
     out, p, sel = kernels.route_mlp(x, h, w, nw, EPS, 0.5, valid, wg, wu, wd, GAP)
     out.sum().backward()
     assert w.grad.abs().sum() > 0 and wd.grad.abs().sum() > 0   # g(p) carries the router's gradient
+
+
+COMPILE_FOR_H100 = '''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+
+def build(fn, signature, constants):
+    signature.update({name: "constexpr" for name in constants})
+    triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32))
+
+for dt in ("fp32", "bf16"):
+    for by_pointer in (False, True):
+        build(kernels._route_kernel, dict(x_ptr=f"*{dt}", w_ptr="*fp32", valid_ptr="*i1", always_ptr="*i1",
+              p_ptr="*fp32", sel_ptr="*i1", threshold="*fp32" if by_pointer else "fp32", C="i32", stride_x="i32"),
+              dict(HAS_VALID=True, HAS_ALWAYS=True, DECIDE=True, THRESHOLD_PTR=by_pointer, BLOCK_C=1024))
+    build(kernels._gather_norm_kernel, dict(h_ptr=f"*{dt}", nw_ptr=f"*{dt}", sel_ptr="*i1", pos_ptr="*i64",
+          idx_ptr="*i64", out_ptr=f"*{dt}", C="i32", stride_h="i32", stride_o="i32", eps="fp32"), dict(BLOCK_C=1024))
+    build(kernels._scale_scatter_kernel, dict(base_ptr="*fp32", idx_ptr="*i64", y_ptr=f"*{dt}", gate_ptr="*fp32",
+          C="i32", stride_b="i32", stride_y="i32"), dict(BLOCK_C=1024))
+    build(kernels._gate_up_kernel, dict(h_ptr=f"*{dt}", nw_ptr=f"*{dt}", sel_ptr="*i1", wg_ptr=f"*{dt}",
+          wu_ptr=f"*{dt}", act_ptr="*fp32", C="i32", I="i32", stride_h="i32", stride_g="i32", stride_u="i32",
+          stride_a="i32", eps="fp32"), dict(BLOCK_I=32, BLOCK_K=128))
+    build(kernels._down_kernel, dict(act_ptr="*fp32", wd_ptr=f"*{dt}", sel_ptr="*i1", p_ptr="*fp32",
+          out_ptr=f"*{dt}", C="i32", I="i32", stride_a="i32", stride_d="i32", stride_o="i32", gap="fp32"),
+          dict(BLOCK_N=32, BLOCK_K=128))
+print("compiled")
+'''
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_an_h100():
+    """The interpreter accepts code the GPU compiler may not: compile every kernel to PTX for
+    sm_90 (H100), in fp32 and bf16, with Triton's own compiler and no GPU present."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]

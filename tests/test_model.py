@@ -3,41 +3,10 @@ import pytest
 import torch
 
 import model as model_module
-from conftest import tiny_model
-from router import Rule
+from conftest import cached_logits, full_logits, tiny_model
 from sample import generate
 
 TOL = 1e-4
-
-
-def full_logits(model, prompt, rule=None):
-    logits, _ = model(torch.tensor([prompt]), rule=rule)
-    return logits[0]
-
-
-def cached_logits(model, prompts, rule=None):
-    """Prefill all but the last token of each prompt, then decode token by token with the
-    prompts left-padded in one batch; returns each row's logits for every real position."""
-    B, P = len(prompts), max(len(p) for p in prompts)
-    idx = torch.zeros(B, P, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        idx[b, P - len(p):] = torch.tensor(p)
-        valid[b, P - len(p):] = True
-    positions = (valid.cumsum(1) - 1).clamp(min=0)
-    model.setup_caches(B, P)
-    split = P // 2
-    out = []
-    logits, _ = model(idx[:, :split], input_pos=torch.arange(split), positions=positions[:, :split],
-                      valid=valid[:, :split], rule=rule)
-    out.append(logits)
-    for t in range(split, P):
-        logits, _ = model(idx[:, t:t + 1], input_pos=torch.tensor([t]), positions=positions[:, t:t + 1],
-                          valid=valid[:, t:t + 1], rule=rule)
-        out.append(logits)
-    model.clear_caches()
-    logits = torch.cat(out, 1)
-    return [logits[b, valid[b]] for b in range(B)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -6,26 +6,16 @@ from hypothesis import given, settings, strategies as st
 import torch
 
 import dlo
-from conftest import tiny_model
+from conftest import cached_logits, full_logits, routed_tiny, tiny_model
 from router import (CapacitySchedule, Rule, Trace, dynamic_lr_scales, make_labels, router_loss,
                     select_threshold, select_topk, similarity_labels)
 from model import Context, rope_tables
-from test_model import cached_logits, full_logits
 from sample import generate, generate_stream
-
-
-def routed_model(route, policy, seed=0):
-    model = dlo.activate(tiny_model(seed=seed), route, kv_policy=policy)
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.router.weight.normal_(0, 0.5)   # about half the tokens run each layer
-    return model
 
 
 @pytest.mark.parametrize("route,policy", [("mlp", "compute"), ("block", "compute"), ("block", "drop")])
 def test_cached_decode_equals_full_forward_with_routing(route, policy):
-    model = routed_model(route, policy)
+    model = routed_tiny(route, kv_policy=policy)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 14)]
     rule = Rule(kind="threshold", threshold=0.5)
@@ -37,7 +27,7 @@ def test_cached_decode_equals_full_forward_with_routing(route, policy):
 
 
 def test_drop_policy_stores_and_attends_no_skipped_kv():
-    model = routed_model("block", "drop")
+    model = routed_tiny("block", kv_policy="drop")
     idx = torch.randint(0, 97, (1, 12))
     model.setup_caches(1, 12)
     model(idx, input_pos=torch.arange(12))

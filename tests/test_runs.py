@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import weights
-from conftest import tiny_model
+from conftest import ByteTokenizer, tiny_model, write_sharegpt
 from data import prepare_sharegpt
-from test_data import ByteTokenizer, write_sharegpt
 from sample import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow   # whole runs in subprocesses: minutes, not seconds
 
 
 @pytest.fixture(scope="module")

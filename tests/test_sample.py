@@ -38,6 +38,7 @@ def sample(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_depth_view_and_picture(folders):
     """Every token is shown with its depth, the prompt's and the answer's; the depth varies
     from token to token, and the sink (the first prompt token) runs every layer."""
@@ -56,6 +57,7 @@ def test_depth_view_and_picture(folders):
     assert page.startswith("<!doctype html>") and page.count("<tr>") == 1 + len(prompt) + 12
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_the_context_is_one_line(folders, tmp_path):
     (tmp_path / "long.txt").write_text("word " * 200)
     r = sample("--init_from", str(folders / "dense"), "--prompt", f"@{tmp_path / 'long.txt'}", "--mode", "raw")
@@ -63,6 +65,7 @@ def test_prompt_longer_than_the_context_is_one_line(folders, tmp_path):
     assert "exceeds the model's context of 96 tokens" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_missing_weights_are_one_line(tmp_path):
     r = sample("--init_from", str(tmp_path / "nothing.gguf"))
     assert r.returncode == 1 and r.stderr.strip().startswith(f"error: {tmp_path / 'nothing.gguf'}: no such file")

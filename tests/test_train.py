@@ -4,18 +4,9 @@ import pytest
 import torch
 
 import dlo
-from conftest import tiny_model
+from conftest import routed_tiny, tiny_model
 from router import Rule
 from train import TrainConfig, micro_loss, param_groups, parse_args
-
-
-def routed_tiny(route="mlp", sink_tokens=0):
-    model = dlo.activate(tiny_model(), route, sink_tokens=sink_tokens)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.router.weight.normal_(0, 0.5)
-    return model.train()
 
 
 def batch(seed, B=6, T=10):
@@ -38,11 +29,11 @@ def test_accumulated_micro_batches_equal_one_big_batch(route):
     cfg = TrainConfig(labels="self", train_rule="threshold")
     rule = Rule("threshold", 0.5)
     x, y, valid = batch(0)
-    n_routed = len(routed_tiny(route).config.routed_ids())
+    n_routed = len(routed_tiny(route).train().config.routed_ids())
     n_lm, n_route = int((y != -1).sum()), int(valid.sum()) * n_routed
 
     def run(chunks):
-        model = routed_tiny(route)
+        model = routed_tiny(route).train()
         total = 0.0
         for sl in chunks:
             loss, _, _ = micro_loss(model, model, x[sl], y[sl], valid[sl], rule, cfg, 0.9, n_lm, n_route)
@@ -60,7 +51,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(route):
 
 
 def test_router_loss_is_added_and_zero_without_labels():
-    model = routed_tiny()
+    model = routed_tiny().train()
     x, y, valid = batch(1)
     n_lm, n_route = int((y != -1).sum()), int(valid.sum()) * 4
     rule = Rule("topk", capacity=torch.full((4,), 0.5, dtype=torch.float64), similarity=True)
@@ -73,7 +64,7 @@ def test_router_loss_is_added_and_zero_without_labels():
 
 
 def test_frozen_warmup_trains_the_routers_alone():
-    model = routed_tiny()
+    model = routed_tiny().train()
     x, y, valid = batch(2)
     for name, p in model.named_parameters():
         p.requires_grad_(name.split(".")[2] == "router" if name.startswith("layers.") else False)
