@@ -32,10 +32,11 @@ import dlo
 import kernels
 import weights
 from data import open_split, shakespeare_text
-from weights import autocast, pick_device
 from router import Rule
 from sample import generate, generate_stream
 from tokenizer import load_tokenizer
+from train import TrainConfig, micro_loss
+from weights import autocast, pick_device
 
 
 def parse_args(argv=None):
@@ -117,7 +118,6 @@ def sft_batch(seq_len=256, rows=4):
 def ours_step(model, batch, dtype, rule=None, labels=None):
     """One optimizer step of train.py's: loss on assistant tokens (plus the router loss
     with labels), backward, AdamW. Returns a closure giving tokens/s."""
-    from train import TrainConfig, micro_loss
     x, y, valid = batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     cfg = TrainConfig(labels=labels or "none", train_rule="topk")

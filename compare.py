@@ -30,8 +30,8 @@ import torch
 import evaluate
 import train
 import weights
-from weights import pick_device, pick_dtype
 from sample import generate
+from weights import pick_device, pick_dtype
 
 DLO = "--placement interleave --n_new 10 --route mlp"
 # train.py flags per method; everything else is shared (see --steps etc.). "dlo" is

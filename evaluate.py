@@ -28,10 +28,10 @@ import torch
 
 import weights
 from data import open_split
-from weights import autocast, pick_device, pick_dtype
 from router import (CapacitySchedule, Rule, executed_fraction, make_labels, routable_tokens, router_agreement,
                     select_topk, thresholds_from_topk)
 from tokenizer import load_tokenizer
+from weights import autocast, pick_device, pick_dtype
 
 
 def row_stats(row_sums, row_counts):

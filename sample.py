@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import weights
-from weights import pick_device
 from router import Rule
+from weights import pick_device
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
 

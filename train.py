@@ -38,12 +38,13 @@ from tqdm import tqdm
 
 import dlo
 import evaluate
+import lesa
 import weights
 from data import DATASETS
 from model import CHOICES as MODEL_CHOICES
-from weights import autocast, pick_device, pick_dtype
 from router import (LABELS, SPLITS, CapacitySchedule, Rule, dynamic_lr_scales, executed_fraction, make_labels,
                     routable_tokens, router_loss)
+from weights import autocast, pick_device, pick_dtype
 
 
 @dataclass
@@ -170,7 +171,6 @@ def build_model(cfg, calibration):
     if cfg.shortgpt_drop:
         model, _ = dlo.shortgpt(model, calibration, cfg.shortgpt_drop)
     if cfg.placement == "lesa":
-        import lesa   # only LESA needs its SVD and predictor training
         after = int_list(cfg.after) or lesa.default_positions(model.config.n_layer, cfg.n_new)
         model = lesa.expand_lesa(model, after)
     elif cfg.placement != "none":
