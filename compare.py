@@ -12,8 +12,8 @@ the base model on the same conversations (paired, so its SE is much smaller than
 losses'), executed layers per token at inference (the rule sample.py uses) and in
 training, estimated FLOPs and KV bytes per token, and greedy decode tokens/s.
 
-For routed top-k methods (DLO) three controls are evaluated on the same trained
-weights, each at exactly the routers' per-layer executed fractions:
+For DLO (--controls) three controls are evaluated on the same trained weights, each at
+the routers' own per-layer executed fractions:
 - "oracle": skip exactly by the similarity labels of a dense pass, no router: the best
   the routers could do, so a gap between it and DLO is the routers', not the labels';
 - "random": random tokens skip: what per-token routing adds beyond per-layer sparsity;
@@ -41,9 +41,15 @@ METHODS = {
     "dense": "--placement interleave --n_new 10 --route none",
     "dlo": DLO,
     "dlo-no-sinks": f"{DLO} --sink_tokens 0",
-    "dlo-all-layers": f"{DLO} --routed all --capacity_end 0.8975",
+    "dlo-all-layers": f"{DLO} --routed all --capacity_end 0.8975",       # the same 0.90 of all MLPs
+    "dlo-all-layers-no-sinks": f"{DLO} --routed all --capacity_end 0.9 --sink_tokens 0",
     "dlo-no-warmup": f"{DLO} --route_warmup 0",
     "dlo-official-labels": f"{DLO} --capacity_split rescale",
+    "dlo-one-lr": f"{DLO} --router_lr_scale 1",
+    "dlo-frozen-warmup": f"{DLO} --warmup_freeze true",                    # a variant: routers alone at first
+    # every mechanism off: the paper's routing as this project first ran it
+    "dlo-paper": (f"{DLO} --routed all --capacity_end 0.9 --sink_tokens 0 --route_warmup 0 "
+                  "--capacity_split rescale --router_lr_scale 1"),
     "dlo-threshold": f"{DLO} --train_rule threshold",
     "llama-pro": "--placement interleave --n_new 10 --route none --freeze_original true",
     "solar": "--placement stack --trim 10 --route none",
@@ -65,11 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=4, help="rows per micro-batch")
     p.add_argument("--grad_accum", type=int, default=2, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=2e-5, help="DLO's SFT learning rate")
-    p.add_argument("--eval_rows", type=int, default=128, help="held-out conversations")
+    p.add_argument("--eval_rows", type=int, default=256, help="held-out conversations")
     p.add_argument("--decode_tokens", type=int, default=32, help="tokens timed for decode tok/s (0: skip)")
     p.add_argument("--out", default="out/compare", help="folder for runs, table and JSON")
     p.add_argument("--extra", default="", help="flags added to every run, e.g. '--dataset shakespeare'")
     p.add_argument("--reuse", action="store_true", help="evaluate existing checkpoints instead of training")
+    p.add_argument("--controls", default="dlo", help="routed methods to evaluate the controls for")
     return p.parse_args(argv)
 
 
@@ -123,7 +130,7 @@ def run_method(name, args):
            "train_seconds": time.time() - t0}
     row["decode_tok_s"] = decode_speed(model, args.decode_tokens) if args.decode_tokens else None
     rows = [row]
-    if model.config.route == "mlp" and cfg.train_rule == "topk":
+    if name in args.controls.split(",") and model.config.route == "mlp" and cfg.train_rule == "topk":
         for control, rule in evaluate.controls(after).items():
             _, result = evaluate_checkpoint(ckpt, cfg, rule)
             rows.append({**row, "method": f"{name}, {control}", "eval": result, "decode_tok_s": None,

@@ -36,6 +36,7 @@ class Router(nn.Module):
     def __init__(self, n_embd, predictor=False):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, n_embd))
+        self.detach_input = False   # routers trained alone: no gradient reaches the backbone through x
         self.predictor = None
         if predictor:
             hidden = max(8, n_embd // 8)
@@ -49,6 +50,7 @@ class Router(nn.Module):
             nn.init.zeros_(self.predictor[2].bias)
 
     def forward(self, x):  # x (B, T, C) -> logit (B, T) fp32
+        x = x.detach() if self.detach_input else x
         # fp32 even under autocast: in bf16, g(p) would take ~9 distinct values near 0.5
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.float(), self.weight.float()).squeeze(-1)

@@ -224,9 +224,13 @@ def process_group_backend():
 
 def set_backbone_trainable(model, trainable):
     """Router warm-up with the backbone frozen (Router-Tuning, FlexiDepth): only routers
-    learn. LLaMA Pro's frozen layers stay frozen either way."""
+    learn. The routers read a detached input too: FSDP computes with unsharded copies of
+    the parameters, which do not see requires_grad change, and the router loss would
+    otherwise reach the backbone through them. LLaMA Pro's frozen layers stay frozen."""
     frozen = set(model.config.frozen_layers)
     for i, layer in enumerate(model.layers):
+        if layer.router is not None:
+            layer.router.detach_input = not trainable
         for name, p in layer.named_parameters():
             if not name.startswith("router."):
                 p.requires_grad_(trainable and i not in frozen)
@@ -338,6 +342,7 @@ class Trainer:
 
     def restore(self, resume):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        self.freeze_for(resume.step)   # a frozen backbone has no optimizer state yet
         set_optimizer_state_dict(self.model, self.optimizer, resume.optimizer,
                                  options=StateDictOptions(full_state_dict=True))
         rng = resume.rng
@@ -376,12 +381,16 @@ class Trainer:
             group["lr"] = lr * scales.get(group["layer"], 1.0) * group["scale"]
         return lr, caps
 
+    def freeze_for(self, step):
+        """With --warmup_freeze, the backbone trains only once the router warm-up is over."""
+        frozen = self.cfg.warmup_freeze and step < self.sched.warmup
+        if frozen != self.frozen:
+            set_backbone_trainable(self.model, not frozen)
+            self.frozen = frozen
+
     def step(self, step):
         cfg, model = self.cfg, self.model
-        frozen = cfg.warmup_freeze and step < self.sched.warmup
-        if frozen != self.frozen:
-            set_backbone_trainable(model, not frozen)
-            self.frozen = frozen
+        self.freeze_for(step)
         lr, caps = self.set_lr(step)
         rule, label_capacity = self.rule_at(step), self.sched.label_capacity(step)
         rows = self.train_data.rows_at(step, cfg.batch_size * cfg.grad_accum * self.world, cfg.seed)

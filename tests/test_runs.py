@@ -37,6 +37,7 @@ def flags(setup, out, **over):
     base = dict(init_from=setup / "model", data_dir=setup / "data", placement="interleave", n_new=2,
                 route="mlp", labels="cos-global", route_warmup=0.25, route_anneal=0.5, capacity_end=0.6, seq_len=32,
                 batch_size=2, dtype="float32", calib_rows=4, routed="all", new_lr_scale=1, router_lr_scale=1,
+                warmup_freeze=True,
                 grad_accum=4, max_steps=8, lr=3e-3, eval_every=4, eval_rows=4, ckpt_every=2, out_dir=out)
     base.update(over)
     return [f"--{k}={v}" for k, v in base.items()]
@@ -114,7 +115,8 @@ def test_calibrate_on_demand_moves_the_thresholds(setup, single, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     after = weights.load_checkpoint(str(path)).model_config["route_threshold"]
-    assert len(after) == len(before) and sum(after) > sum(before)   # skipping more needs higher thresholds
+    assert len(after) == len(before) and after != before
+    assert all(a >= b for a, b in zip(after, before))     # skipping more needs higher thresholds
     assert all(name in r.stdout for name in ("routers:", "oracle:", "random:", "p>=0.5:"))
     r = subprocess.run([sys.executable, "evaluate.py", str(path), "--calibrate", "1.5"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
