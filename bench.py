@@ -88,8 +88,9 @@ def decode_rate(model, prompts, new_tokens, rule=None, compiled=False):
 
 def hf_decode_rate(hf, prompt, new_tokens):
     """transformers' greedy decode tokens/s: the time for new_tokens minus the time for one."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=hf.device)
     with torch.no_grad():
+        synchronize(str(hf.device))
         t0 = time.perf_counter()
         hf.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
         t1 = time.perf_counter()
@@ -106,7 +107,7 @@ def as_transformers(model, dtype=torch.float32):
         return None
     with tempfile.TemporaryDirectory() as d:
         weights.save_hf(model, d)
-        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(model.embed_tokens.weight.device)
 
 
 def sft_batch(seq_len=256, rows=4):
@@ -115,21 +116,29 @@ def sft_batch(seq_len=256, rows=4):
     return data.batch(data.rows_at(0, rows, 1337))
 
 
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def ours_step(model, batch, dtype, rule=None, labels=None):
     """One optimizer step of train.py's: loss on assistant tokens (plus the router loss
     with labels), backward, AdamW. Returns a closure giving tokens/s."""
-    x, y, valid = batch
+    device = str(model.embed_tokens.weight.device)
+    x, y, valid = (t.to(device) for t in batch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     cfg = TrainConfig(labels=labels or "none", train_rule="topk")
     n_route = int(valid.sum()) * max(1, len(model.config.routed_ids()))
 
     def step():
+        synchronize(device)
         t0 = time.perf_counter()
-        with autocast("cpu", dtype):
+        with autocast(device, dtype):
             loss, _, _ = micro_loss(model, model, x, y, valid, rule, cfg, 0.59, int((y != -1).sum()), n_route)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize(device)
         return x.numel() / (time.perf_counter() - t0)
     return step
 
@@ -137,17 +146,20 @@ def ours_step(model, batch, dtype, rule=None, labels=None):
 def hf_step(hf, batch, dtype):
     """The same step through transformers, as an SFT user writes it: logits for every
     position, cross-entropy on the assistant tokens, the padding mask passed in."""
-    x, y, valid = batch
+    device = str(hf.device)
+    x, y, valid = (t.to(device) for t in batch)
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-6)
 
     def step():
+        synchronize(device)
         t0 = time.perf_counter()
-        with autocast("cpu", dtype):
+        with autocast(device, dtype):
             logits = hf(input_ids=x, attention_mask=valid.long()).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize(device)
         return x.numel() / (time.perf_counter() - t0)
     return step
 
@@ -252,31 +264,34 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(0)
-    base = weights.from_pretrained(args.init_from).to(device).eval()
+    base = weights.place(weights.from_pretrained(args.init_from), device).eval()
     out = {"device": device, "threads": torch.get_num_threads(), "settings": vars(args)}
     out["ppl_fp32"] = report("Hamlet perplexity, fp32", hamlet_perplexity(base))
     if args.ppl_only:
         return
-    bf16 = weights.from_pretrained(args.init_from, torch.bfloat16).to(device).eval()
+    bf16 = weights.place(weights.from_pretrained(args.init_from, torch.bfloat16), device).eval()
     out["ppl_bf16"] = report("Hamlet perplexity, bf16 weights", hamlet_perplexity(bf16))
     report("  bf16 / fp32", out["ppl_bf16"] / out["ppl_fp32"])
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
     gb = sum(p.numel() * p.element_size() for p in base.parameters()) / 1e9
 
-    # decode at batch 1
-    hf = as_transformers(base) if device == "cpu" else None
+    # decode at batch 1; "(out, in) layout": the same fp32 model without weights.place's CPU layout
+    standard = weights.from_pretrained(args.init_from).to(device).eval()
+    hf = as_transformers(base)
     contenders = [lambda: decode_rate(base, [prompt], args.new_tokens)[1],
+                  lambda: decode_rate(standard, [prompt], args.new_tokens)[1],
                   lambda: decode_rate(bf16, [prompt], args.new_tokens)[1]]
     if hf is not None:
         contenders.append(lambda: hf_decode_rate(hf, prompt, args.new_tokens))
     rates = best_of(args.repeats, *contenders)
     out["decode_fp32"] = report("decode b=1, ours fp32", rates[0], f"tok/s ({rates[0] * gb:.1f} GB/s)")
-    out["decode_bf16"] = report("decode b=1, ours bf16", rates[1], "tok/s")
-    report("  bf16 / fp32", rates[1] / rates[0])
+    out["decode_fp32_out_in"] = report("decode b=1, ours fp32, (out, in) layout", rates[1], "tok/s")
+    out["decode_bf16"] = report("decode b=1, ours bf16", rates[2], "tok/s")
+    report("  bf16 / fp32", rates[2] / rates[0])
     if hf is not None:
-        out["decode_hf_fp32"] = report("decode b=1, transformers fp32", rates[2], "tok/s")
-        out["decode_ours_over_hf"] = report("  ours / transformers", rates[0] / rates[2])
+        out["decode_hf_fp32"] = report("decode b=1, transformers fp32", rates[3], "tok/s")
+        out["decode_ours_over_hf"] = report("  ours / transformers", rates[0] / rates[3])
     if args.compile:
         t0 = time.perf_counter()
         decode_rate(base, [prompt], 4, compiled=True)
@@ -289,9 +304,10 @@ def main(argv=None):
     # one optimizer step at the default SFT shape
     batch = sft_batch()
     steps = {}
+    del hf, standard
     for dtype in ("float32", "bfloat16"):
         contenders = [ours_step(copy.deepcopy(base).train(), batch, dtype)]   # steps must not touch base
-        hf_model = as_transformers(base) if device == "cpu" else None
+        hf_model = as_transformers(base)
         if hf_model is not None:
             contenders.append(hf_step(hf_model.train(), batch, dtype))
         rates = best_of(args.repeats, *contenders)
@@ -299,8 +315,10 @@ def main(argv=None):
         if hf_model is not None:
             steps[f"hf_{dtype}"] = report(f"train step, transformers {dtype}", rates[1], "tok/s")
             report("  ours / transformers", rates[0] / rates[1])
-    dense = dlo.expand(base, "interleave", n_new=base.config.n_layer // 3, init="zeros").train()
-    routed = dlo.activate(dense, "mlp", layers=dense.config.new_layers, sink_tokens=1).train()
+        del contenders, hf_model
+    dense = weights.place(dlo.expand(base, "interleave", n_new=base.config.n_layer // 3, init="zeros"), device)
+    routed = weights.place(dlo.activate(dense, "mlp", layers=dense.config.new_layers, sink_tokens=1), device)
+    dense.train(), routed.train()
     caps = torch.full((len(routed.config.routed_ids()),), 0.59, dtype=torch.float64)
     rule = Rule("topk", capacity=caps, similarity=True)
     rates = best_of(args.repeats, ours_step(dense, batch, "bfloat16"),

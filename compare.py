@@ -94,7 +94,7 @@ DEVICE = pick_device()
 
 def evaluate_checkpoint(path, cfg, rule=None):
     """The held-out evaluation train.py ends with, on the saved model, with any rule."""
-    model = weights.model_from_checkpoint(weights.load_checkpoint(path)).to(DEVICE).eval()
+    model = weights.place(weights.model_from_checkpoint(weights.load_checkpoint(path)), DEVICE).eval()
     data = train.load_data(cfg, "val")
     result = evaluate.evaluate(model, data, data.val_rows(cfg.eval_rows), rule or model.default_rule(),
                                cfg.batch_size, DEVICE, pick_dtype(cfg.dtype, DEVICE))
@@ -117,7 +117,7 @@ def run_method(name, args):
         if os.path.exists(log):
             os.remove(log)
         after = train.main(flags)
-        model = weights.model_from_checkpoint(weights.load_checkpoint(ckpt)).to(DEVICE).eval()
+        model = weights.place(weights.model_from_checkpoint(weights.load_checkpoint(ckpt)), DEVICE).eval()
     with open(log) as f:
         records = [json.loads(line) for line in f]
     before = next(r for r in records if "val_loss" in r)

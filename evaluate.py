@@ -177,7 +177,7 @@ def main(argv=None):
         model = weights.model_from_checkpoint(ckpt)
         c = ckpt.train_config
         data, dtype = held_out(c), pick_dtype(c.get("dtype", "float32"), device)
-        model.to(device)
+        weights.place(model, device)
         if args.calibrate is not None:
             recalibrate(args.checkpoint, model, ckpt, data, args.calibrate, device, dtype)
     except (ValueError, OSError) as e:

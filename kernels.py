@@ -358,12 +358,14 @@ def route_mlp_triton(x, h, router_weight, norm_weight, eps, threshold, valid, ga
 
 def use_triton(*tensors):
     """True when the kernels should run on these tensors: Triton is importable; no autograd
-    (the kernels have no backward, so training takes the differentiable references); and
-    all tensors on CUDA, or FORCE_TRITON under the interpreter for a dtype it can run.
+    (the kernels have no backward, so training takes the differentiable references); row-major
+    tensors; and all tensors on CUDA, or FORCE_TRITON under the interpreter for a dtype it can run.
     On CUDA a kernel error is raised, never papered over with the reference."""
     if not HAS_TRITON:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if not all(t.is_contiguous() for t in tensors):   # the kernels index rows; weights.place's CPU layout is not
         return False
     if all(t.is_cuda for t in tensors):
         return True

@@ -276,7 +276,7 @@ class Block(nn.Module):
         """The Triton path (kernels.py): DLO's MLP routing at inference, no autograd."""
         return (self.cfg.route == "mlp" and rule.kind == "threshold" and not rule.similarity
                 and not rule.use_predictor and self.cfg.route_gate == "dlo" and self.cfg.arch == "llama"
-                and kernels.use_triton(x, self.router.weight, self.mlp.down_proj.weight))
+                and kernels.use_triton(x, self.router.weight, self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight))
 
     def mlp_routed_fused(self, x, ctx, threshold):
         """mlp_routed through kernels.routed_mlp: gather-and-scatter at prefill, a decision

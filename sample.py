@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,6 +128,7 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
         ran, position = (prompt_ran[:, -1] if prompt_ran is not None else None), batch.positions[:, -1:] + 1
         slot = torch.full((1,), P, dtype=torch.long, device=device)
         decode = compiled_decode_one_token if compiled else decode_one_token
+        cpu_bf16 = device.type == "cpu" and model.embed_tokens.weight.dtype == torch.bfloat16
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             first = step == 0
@@ -134,10 +136,24 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
             done |= torch.isin(token, stop)
             if step == max_new_tokens - 1 or done.all():
                 break
-            logits, ran = decode(model, token, slot, position, ~done, rule)
+            with onednn(enabled=not cpu_bf16):
+                logits, ran = decode(model, token, slot, position, ~done, rule)
             slot, position = slot + 1, position + 1
     finally:
         model.clear_caches()
+
+
+@contextmanager
+def onednn(enabled):
+    """Switch oneDNN on or off for a block. CPU bf16 decode runs without it: oneDNN's bf16
+    matmul of a single row is slower than ATen's own bf16 GEMV, which makes batch-1 bf16
+    decode about 1.8x faster on a 2-core CPU (bench.py); prefill's many rows keep it."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 @torch.no_grad()
@@ -226,7 +242,7 @@ def main(argv=None):
                 prompt = f.read()
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    model.to(device).eval()
+    weights.place(model, device).eval()
     cfg = model.config
     if args.mode == "chat":
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

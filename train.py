@@ -514,7 +514,10 @@ def main(argv=None):
             raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model.config.block_size}")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    result = Trainer(cfg, model.to(device), train_data, val_data, resume, rank, world, device).run()
+    # one process: the CPU's fast weight layout; under torchrun the standard one, which FSDP's
+    # flattened parameters assume
+    model = weights.place(model, device, input_major=world == 1)
+    result = Trainer(cfg, model, train_data, val_data, resume, rank, world, device).run()
     if world > 1:
         dist.destroy_process_group()
     return result

@@ -236,3 +236,21 @@ def test_real_smollm2_answers_paris(tmp_path):
     x = torch.tensor([ids])
     assert torch.equal(model(x)[0], again(x)[0])
     assert load_tokenizer(str(tmp_path)).encode("Paris, 1889") == tok.encode("Paris, 1889")
+
+
+def test_cpu_layout_keeps_values_ties_and_gradients(tmp_path):
+    model = tiny_model(tie_embeddings=True)
+    placed = weights.place(tiny_model(tie_embeddings=True), "cpu")
+    linears = [m.weight for m in placed.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(w.t().is_contiguous() and not w.is_contiguous() for w in linears)
+    assert placed.lm_head.weight is placed.embed_tokens.weight
+    idx = torch.randint(0, 97, (2, 11))
+    for m in (model, placed):
+        m(idx, idx)[1].backward()
+    torch.testing.assert_close(placed(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(model.named_parameters(), placed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+    weights.save_hf(placed, tmp_path)   # export writes the standard layout
+    torch.testing.assert_close(weights.load_hf(str(tmp_path))(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-6)
+    bf16 = weights.place(tiny_model().to(torch.bfloat16), "cpu")
+    assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, torch.nn.Linear))
