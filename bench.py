@@ -10,7 +10,7 @@ Sections
 - Hamlet perplexity, fp32 and bf16 weights
 - greedy decode at batch 1: ours fp32, transformers fp32, ours bf16 (tokens/s, GB/s)
 - one optimizer step at the default SFT shape (4 x 256 ShareGPT tokens, forward,
-  backward, AdamW): ours and transformers, fp32 and bf16 autocast; the dense 40-layer
+  backward, fused AdamW, which train.py and transformers' Trainer both use): ours and transformers, fp32 and bf16 autocast; the dense 40-layer
   model and DLO routing with its labels (what routing costs in training)
 - on CUDA, the Triton kernels against their PyTorch references
 Transformers is optional (`pip install transformers`); without it its rows are skipped.
@@ -126,7 +126,7 @@ def ours_step(model, batch, dtype, rule=None, labels=None):
     with labels), backward, AdamW. Returns a closure giving tokens/s."""
     device = str(model.embed_tokens.weight.device)
     x, y, valid = (t.to(device) for t in batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)   # as train.py
     cfg = TrainConfig(labels=labels or "none", train_rule="topk")
     n_route = int(valid.sum()) * max(1, len(model.config.routed_ids()))
 
@@ -148,7 +148,7 @@ def hf_step(hf, batch, dtype):
     position, cross-entropy on the assistant tokens, the padding mask passed in."""
     device = str(hf.device)
     x, y, valid = (t.to(device) for t in batch)
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=True)   # transformers' Trainer default
 
     def step():
         synchronize(device)
@@ -304,7 +304,7 @@ def main(argv=None):
     # one optimizer step at the default SFT shape
     batch = sft_batch()
     steps = {}
-    del hf, standard
+    hf = standard = None   # free their memory for the training rows
     for dtype in ("float32", "bfloat16"):
         contenders = [ours_step(copy.deepcopy(base).train(), batch, dtype)]   # steps must not touch base
         hf_model = as_transformers(base)

@@ -312,10 +312,10 @@ class Trainer:
         self.calibrating = bool(self.routed) and cfg.train_rule == "topk" and not cfg.predictor
         self.frozen = False
         self.train_model = self.wrap(model)
-        # made after sharding, so under FSDP the optimizer holds the shards
+        # made after sharding, so under FSDP the optimizer holds the shards; fused: one pass
+        # over each parameter's state instead of one per op (about 2x faster on CPU too)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.router_lr_scale, cfg.new_lr_scale), lr=cfg.lr,
-                                           betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                                           fused=device.startswith("cuda"))
+                                           betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=True)
         self.start_step = 0
         if resume:
             self.restore(resume)
