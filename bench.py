@@ -8,10 +8,12 @@ dense models, measured side by side in one run: every ratio comes from one proce
 
 Sections
 - Hamlet perplexity, fp32 and bf16 weights
-- greedy decode at batch 1: ours fp32, transformers fp32, ours bf16 (tokens/s, GB/s)
+- greedy decode at batch 1: ours fp32 (and in the (out, in) weight layout), transformers
+  fp32, ours bf16 (tokens/s, GB/s)
 - one optimizer step at the default SFT shape (4 x 256 ShareGPT tokens, forward,
-  backward, fused AdamW, which train.py and transformers' Trainer both use): ours and transformers, fp32 and bf16 autocast; the dense 40-layer
-  model and DLO routing with its labels (what routing costs in training)
+  backward, fused AdamW as train.py and transformers' Trainer use): ours and
+  transformers, fp32 and bf16 autocast; the dense 40-layer model and DLO routing with
+  its labels (what routing costs in training)
 - on CUDA, the Triton kernels against their PyTorch references
 Transformers is optional (`pip install transformers`); without it its rows are skipped.
 Timings interleave the contenders and keep the best of `--repeats`, since a shared

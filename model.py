@@ -2,17 +2,12 @@
 The nanoDLO model: a Llama-style decoder (GPT-2 as a config variant) whose blocks
 can each carry a router that skips work per token.
 
-Notable features
-- RMSNorm, rotate-half RoPE, GQA, SwiGLU; arch="gpt2" swaps in LayerNorm, GELU and
-  learned positions. Module names are HF Llama's, but q/k/v and gate/up are each one
-  matmul (qkv_proj, gate_up_proj), which weights.py stacks and splits
-- routed blocks (router.py) skip the MLP ("mlp", DLO's default: attention always runs,
-  so the KV cache stays complete) or the whole block ("block"), whose skipped tokens
-  still write K/V ("compute") or do not ("drop"); sink tokens always run
-- a static KV cache (gpt-fast style): the caller passes cache slots and RoPE positions,
-  so a layer can skip a token without the cache losing its place
-- no attention mask where a causal one is exact (SFT rows are right-padded): CUDA's
-  flash kernel; the loss runs the head on positions with a target only
+- RMSNorm, rotate-half RoPE, GQA, SwiGLU (arch="gpt2": LayerNorm, GELU, learned positions);
+  HF Llama's module names, but q/k/v and gate/up are one matmul each (weights.py converts)
+- routed blocks (router.py) skip the MLP ("mlp", DLO's default: attention always runs) or
+  the whole block, whose skipped tokens write K/V ("compute") or not ("drop"); sinks run
+- a static KV cache (gpt-fast style): callers pass cache slots and RoPE positions
+- no attention mask where a causal one is exact; the LM head only where a target is
 - FLOP and KV-byte estimators that account for skipped work
 """
 from dataclasses import dataclass, field
@@ -366,13 +361,11 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, *, input_pos=None, positions=None, valid=None, rule=None,
                 last_only=False, reduction="mean"):
-        """idx (B, T) token ids. targets (B, T) with -1 = no loss. input_pos (T,): the
-        KV-cache slots this chunk writes (None = no cache; rows must then be right-padded,
-        as training data is). positions (B, T): RoPE or learned positions (default: the
-        slots); the caller keeps them inside the context. valid (B, T): False on padding.
-        Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only, and None
-        when targets are given (the loss never materialises every logit); loss is the
-        mean over targets, their sum, or per token (B, T) for reduction "none"."""
+        """idx (B, T) token ids; targets (B, T), -1 = no loss; input_pos (T,): the cache slots
+        written (None: no cache, rows right-padded); positions (B, T): RoPE/learned positions
+        (default: the slots); valid (B, T): False on padding. Returns (logits, loss): logits
+        (B, T, V) or (B, 1, V) with last_only, None with targets (every logit is never made);
+        loss: mean over targets, their sum, or per token (B, T) with reduction "none"."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"a chunk of {T} tokens exceeds the model's context of {self.config.block_size} tokens")
@@ -416,20 +409,12 @@ class GPT(nn.Module):
         pieces = [checkpoint(ce, hc, tc, use_reentrant=False) if recompute else ce(hc, tc) for hc, tc in chunks]
         losses = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
         if reduction == "none":
-            return losses.view(targets.shape) if static else losses.new_zeros(targets.shape).masked_scatter(keep, losses)
+            if static:
+                return losses.view(targets.shape)
+            return losses.new_zeros(targets.shape).masked_scatter(keep, losses)
         return losses.sum() if reduction == "sum" else losses.sum() / keep.sum()
 
-    # ---- depth bookkeeping -------------------------------------------------------
-
-    def executed_map(self):
-        """(B, T, n_layer) bool of the last forward: did the routed part of the layer run?"""
-        if not self.route_trace:
-            raise RuntimeError("executed_map() needs a forward pass of a routed model first")
-        ref = self.route_trace[0].valid
-        ran = torch.ones(*ref.shape, self.config.n_layer, dtype=torch.bool, device=ref.device)
-        for t in self.route_trace:
-            ran[..., t.layer] = t.sel
-        return ran
+    # ---- cost estimators -------------------------------------------------------------
 
     def layer_flops(self, context):
         """Forward FLOPs per token of one layer, split into (attention, mlp, kv projection)."""

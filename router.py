@@ -265,6 +265,15 @@ def executed_fraction(traces, n_layer, n_valid):
     return (n_layer - len(traces) + ran / max(n_valid, 1)) / n_layer
 
 
+def executed_map(traces, n_layer):
+    """(B, T, n_layer) bool from one forward's traces: did the routed part of the layer run?"""
+    ref = traces[0].valid
+    ran = torch.ones(*ref.shape, n_layer, dtype=torch.bool, device=ref.device)
+    for t in traces:
+        ran[..., t.layer] = t.sel
+    return ran
+
+
 # ---- capacity schedule ---------------------------------------------------------------
 
 SPLITS = ("labels", "rescale")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import weights
-from router import Rule
+from router import Rule, executed_map
 from weights import pick_device
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
@@ -78,7 +78,7 @@ def prefill(model, batch, rule):
     P = batch.idx.size(1)
     logits, _ = model(batch.idx, input_pos=torch.arange(P, device=batch.idx.device), positions=batch.positions,
                       valid=batch.valid, rule=rule, last_only=True)
-    return logits[:, -1], (model.executed_map() if model.route_trace else None)
+    return logits[:, -1], (executed_map(model.route_trace, model.config.n_layer) if model.route_trace else None)
 
 
 def decode_one_token(model, token, slot, position, alive, rule):
@@ -87,7 +87,8 @@ def decode_one_token(model, token, slot, position, alive, rule):
     (B, n_layer). Every argument is a tensor of fixed shape, so the compiled step is
     traced once and replayed for every token."""
     logits, _ = model(token[:, None], input_pos=slot, positions=position, valid=alive[:, None], rule=rule)
-    return logits[:, -1], (model.executed_map()[:, -1] if model.route_trace else None)
+    ran = executed_map(model.route_trace, model.config.n_layer)[:, -1] if model.route_trace else None
+    return logits[:, -1], ran
 
 
 # gpt-fast's compiled decode step: inductor fuses the per-layer elementwise ops, and on
