@@ -66,7 +66,10 @@ def hamlet_perplexity(model, n_tokens=2048):
 
 
 def best_of(repeats, *contenders):
-    """Run each contender `repeats` times, interleaved; the best (largest) result of each."""
+    """Run each contender `repeats` times, interleaved; the best (largest) result of each.
+    A first, untimed call of each pays for allocations (and an optimizer's state)."""
+    for fn in contenders:
+        fn()
     best = [0.0] * len(contenders)
     for _ in range(repeats):
         for i, fn in enumerate(contenders):
