@@ -450,7 +450,7 @@ class Trainer:
         if self.calibrating:
             record["thresholds"] = list(self.model.config.route_threshold)
         self.write(record)
-        return record
+        return {**result, **record}   # with the per-conversation sums that compare.py pairs
 
     def save(self, step):
         save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.cfg, step, self.sched.state_dict(),

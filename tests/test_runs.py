@@ -213,3 +213,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup):
     assert r.returncode != 0 and "last good checkpoint" in last and ("non-finite" in last or "loss is" in last)
     ckpt = weights.load_checkpoint(str(out / "ckpt.pt"))
     assert all(torch.isfinite(v).all() for v in ckpt.model.values())
+
+
+def test_compare_pairs_fresh_runs_with_each_other_and_the_controls(setup, tmp_path):
+    import compare
+    extra = f"--init_from={setup / 'model'} --data_dir={setup / 'data'} --dtype=float32 --n_new=2 --calib_rows=4"
+    compare.main(["--methods", "base,dense,dlo", "--steps", "4", "--seq_len", "32", "--batch_size", "2",
+                  "--grad_accum", "1", "--eval_rows", "4", "--decode_tokens", "0", "--out", str(tmp_path),
+                  f"--extra={extra}"])
+    rows = {r["method"]: r for r in json.load(open(tmp_path / "results.json"))["results"]}
+    assert set(rows) == {"base", "dense", "dlo", "dlo, oracle", "dlo, random", "dlo, p>=0.5"}
+    assert all(len(r["eval"]["row_sums"]) == 4 for r in rows.values())
+    table = (tmp_path / "table.md").read_text()
+    assert "dlo - random: " in table and table.count("±") >= 2 * len(rows)
