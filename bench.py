@@ -126,26 +126,33 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def ours_step(model, batch, dtype, rule=None, labels=None):
-    """One optimizer step of train.py's: loss on assistant tokens (plus the router loss
-    with labels), backward, AdamW. Returns a closure giving tokens/s."""
-    device = str(model.embed_tokens.weight.device)
-    x, y, valid = (t.to(device) for t in batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)   # as train.py
-    cfg = TrainConfig(labels=labels or "none", train_rule="topk")
-    n_route = int(valid.sum()) * max(1, len(model.config.routed_ids()))
+def timed_step(params, loss_fn, n_tokens, device, dtype):
+    """A closure running one optimizer step (loss_fn() under autocast, backward, fused
+    AdamW, as train.py and transformers' Trainer use) and returning tokens/s."""
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
 
     def step():
         synchronize(device)
         t0 = time.perf_counter()
         with autocast(device, dtype):
-            loss, _, _ = micro_loss(model, model, x, y, valid, rule, cfg, 0.59, int((y != -1).sum()), n_route)
+            loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         synchronize(device)
-        return x.numel() / (time.perf_counter() - t0)
+        return n_tokens / (time.perf_counter() - t0)
     return step
+
+
+def ours_step(model, batch, dtype, rule=None, labels=None):
+    """One optimizer step of train.py's: loss on assistant tokens (plus the router loss
+    with labels), backward, AdamW. Returns a closure giving tokens/s."""
+    device = str(model.embed_tokens.weight.device)
+    x, y, valid = (t.to(device) for t in batch)
+    cfg = TrainConfig(labels=labels or "none", train_rule="topk")
+    n_route = int(valid.sum()) * max(1, len(model.config.routed_ids()))
+    loss = lambda: micro_loss(model, model, x, y, valid, rule, cfg, 0.59, int((y != -1).sum()), n_route)[0]
+    return timed_step(model.parameters(), loss, x.numel(), device, dtype)
 
 
 def hf_step(hf, batch, dtype):
@@ -153,20 +160,11 @@ def hf_step(hf, batch, dtype):
     position, cross-entropy on the assistant tokens, the padding mask passed in."""
     device = str(hf.device)
     x, y, valid = (t.to(device) for t in batch)
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=True)   # transformers' Trainer default
 
-    def step():
-        synchronize(device)
-        t0 = time.perf_counter()
-        with autocast(device, dtype):
-            logits = hf(input_ids=x, attention_mask=valid.long()).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        synchronize(device)
-        return x.numel() / (time.perf_counter() - t0)
-    return step
+    def loss():
+        logits = hf(input_ids=x, attention_mask=valid.long()).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1)
+    return timed_step(hf.parameters(), loss, x.numel(), device, dtype)
 
 
 def force_fraction(model, fraction, sequence):
