@@ -139,7 +139,6 @@ def rebuild(model, plan, **config_changes):
             missing = set(new.layers[j].state_dict()) - set(state)
             if any(not k.startswith("router.") for k in missing):
                 raise ExpansionError(f"layer {j}: no weights for {sorted(missing)}")
-    new.apply_freezing()
     return new
 
 

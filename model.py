@@ -6,11 +6,10 @@ can each carry a router that skips work per token.
   HF Llama's module names, but q/k/v and gate/up are one matmul each (weights.py converts)
 - routed blocks (router.py) skip the MLP ("mlp", DLO's default: attention always runs) or
   the whole block, whose skipped tokens write K/V ("compute") or not ("drop"); sinks run
-- a static KV cache (gpt-fast style): callers pass cache slots and RoPE positions
-- no attention mask where a causal one is exact; the LM head only where a target is
-- FLOP and KV-byte estimators that account for skipped work
+- a static KV cache (gpt-fast style); no attention mask where a causal one is exact; the
+  LM head only where a target is; FLOP and KV-byte estimators that count skipped work
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,10 +17,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from router import Router, Rule, Trace, dlo_gate, layer_threshold, routable_tokens, select, token_similarity
+from router import Router, Rule, Trace, add_selected, dlo_gate, layer_threshold, routable_tokens, select
 
-# positions per lm_head call in the loss: at most LOSS_CHUNK x vocab fp32 logits alive
-# (805 MB for SmolLM2's 49,152 tokens)
+# positions per lm_head call in the loss: LOSS_CHUNK x vocab fp32 logits alive (805 MB for SmolLM2)
 LOSS_CHUNK = 4096
 # the config's choices; train.py's flags take theirs from here
 CHOICES = {"arch": ("llama", "gpt2"), "route": ("none", "mlp", "block"), "kv_policy": ("compute", "drop"),
@@ -48,12 +46,11 @@ class GPTConfig:
     routed_layers: tuple = ()         # which layers carry a router; () = all of them
     route_gate: str = "dlo"           # "dlo": g(p) = 1 + gap (p - 0.5); "mod": the block output times p
     route_gap: float = 0.05
-    route_threshold: object = 0.5     # inference rule: run iff p >= threshold; a float, or a
-                                      # tuple with one calibrated threshold per routed layer
+    route_threshold: object = 0.5     # inference: run iff p >= this; or one (calibrated) per routed layer
     route_sink_tokens: int = 0        # the first r positions of every row run every routed layer
     route_predictor: bool = False     # MoD's auxiliary causal predictor decides at inference
     kv_policy: str = "compute"        # whole-block skipping only: "compute" or "drop"
-    frozen_layers: tuple = field(default=())  # LLaMA Pro: originals get no gradient
+    frozen_layers: tuple = ()         # LLaMA Pro: originals get no gradient
 
     def __post_init__(self):
         for name in ("new_layers", "routed_layers", "frozen_layers"):
@@ -76,9 +73,7 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     def routed_ids(self):
-        if self.route == "none":
-            return ()
-        return self.routed_layers or tuple(range(self.n_layer))
+        return () if self.route == "none" else self.routed_layers or tuple(range(self.n_layer))
 
 
 class RMSNorm(nn.Module):
@@ -123,8 +118,7 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_head, max_seq, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("valid", torch.zeros(batch_size, max_seq, dtype=torch.bool, device=device),
-                             persistent=False)
+        self.register_buffer("valid", torch.zeros(shape[0], max_seq, dtype=torch.bool, device=device), persistent=False)
 
     def update(self, input_pos, k, v, write):  # input_pos (T,), k/v (B, nkv, T, hs), write (B, T)
         keep = write[:, None, :, None]
@@ -165,8 +159,8 @@ class Attention(nn.Module):
         return t if rope is None else apply_rope(t, *rope)
 
     def store(self, k, v, input_pos, write):
-        """Cache the chunk's K/V when decoding (input_pos given); returns every key and
-        value this chunk may attend to, with their validity."""
+        """Caches the chunk's K/V when decoding (input_pos given); returns every key and value
+        this chunk may attend to, with their validity."""
         if input_pos is None:
             return k, v, write
         return self.kv_cache.update(input_pos, k, v, write)
@@ -213,16 +207,6 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
-
-
-def add_rows(base, sel, gate, rows_fn):
-    """base + gate * rows_fn(rows) on the selected tokens only: gather, run, scatter
-    (kernels.scale_scatter). Skipped tokens cost nothing; positions never move, so the
-    residual is added once."""
-    if not sel.any():   # e.g. a skipped token at batch-1 decode: nothing to run at all
-        return base
-    idx = sel.flatten().nonzero().squeeze(1)   # ascending token order
-    return kernels.scale_scatter(base.reshape(-1, base.size(-1)), idx, rows_fn(idx), gate.flatten()).view_as(base)
 
 
 @dataclass
@@ -278,10 +262,10 @@ class Block(nn.Module):
         read on the device at decode, so no routed layer waits on the host there."""
         h = x + self.attention(x, ctx)
         B, T, C = h.shape
-        norm, mlp = self.post_attention_layernorm, self.mlp
-        out, p, sel = kernels.routed_mlp(x.reshape(-1, C), h.reshape(-1, C), self.router.weight, norm, mlp,
-                                         threshold, ctx.routable.flatten(), (ctx.valid & ~ctx.routable).flatten(),
-                                         self.cfg.route_gap, decode=T == 1)
+        sinks = ctx.valid & ~ctx.routable
+        out, p, sel = kernels.routed_mlp(x.reshape(-1, C), h.reshape(-1, C), self.router.weight,
+                                         self.post_attention_layernorm, self.mlp, threshold,
+                                         ctx.routable.flatten(), sinks.flatten(), self.cfg.route_gap, decode=T == 1)
         return out.view_as(h), Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable)
 
     def mlp_rows(self, h):
@@ -290,46 +274,32 @@ class Block(nn.Module):
     def mlp_routed(self, x, ctx, sel, gate):
         # DLO "ExAttn": attention runs for every token, only the MLP is routed
         h = x + self.attention(x, ctx)
-        if not ctx.rule.similarity:
-            return add_rows(h, sel, gate, self.mlp_rows(h)), None
-        # the labels need mlp(h) for every token: compute it once, densely, instead of the
-        # official code's second no-grad pass (DLO section 3.3)
-        y = self.mlp(self.post_attention_layernorm(h))
-        return h + (sel * gate).unsqueeze(-1).to(y.dtype) * y, token_similarity(h, h + y)
+        return add_selected(h, sel, gate, self.mlp_rows(h), ctx.rule.similarity)
 
     def block_routed(self, x, ctx, sel, gate):
         drop = self.cfg.kv_policy == "drop"
-        write = ctx.valid & sel if drop else None
         if not ctx.rule.similarity and not sel.any():
             if not drop and ctx.input_pos is not None:   # keep the context complete
                 self.self_attn.project_kv(self.input_layernorm(x), ctx.rope, ctx.input_pos, ctx.valid)
             return x, None
-        a = self.attention(x, ctx, write)
-        h = x + a
-        if not ctx.rule.similarity:
-            mlp = self.mlp_rows(h)
-            return add_rows(x, sel, gate, lambda idx: a.reshape(-1, a.size(-1))[idx] + mlp(idx)), None
-        delta = a + self.mlp(self.post_attention_layernorm(h))   # block(x) - x
-        return x + (sel * gate).unsqueeze(-1).to(delta.dtype) * delta, token_similarity(x, x + delta)
+        a = self.attention(x, ctx, ctx.valid & sel if drop else None)
+        mlp = self.mlp_rows(x + a)
+        return add_selected(x, sel, gate, lambda idx: a.reshape(-1, a.size(-1))[idx] + mlp(idx), ctx.rule.similarity)
 
 
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        routed = set(cfg.routed_ids())
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.arch == "gpt2":
             self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.layers = nn.ModuleList(Block(cfg, i in routed, i) for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, i in cfg.routed_ids(), i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
-        for layer in self.layers:
-            if layer.router is not None:
-                layer.router.reset_parameters()
         self.apply_freezing()
         self.route_trace = []   # router.Trace per routed layer of the last forward
 
@@ -339,23 +309,20 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, Router):   # apply() reaches it after its predictor's Linears
+            module.reset_parameters()
 
     def apply_freezing(self):
         """LLaMA Pro (arXiv 2401.02415): frozen layers, and with them the embeddings,
         final norm and head, get no gradient; only new blocks (and routers) train."""
-        frozen = set(self.config.frozen_layers)
-        if not frozen:
-            return
-        for module in (self.embed_tokens, self.norm, self.lm_head, getattr(self, "pos_embed", None)):
-            if module is not None:
-                module.requires_grad_(False)
-        for i in frozen:
-            for name, param in self.layers[i].named_parameters():
-                param.requires_grad_(name.startswith("router."))
+        frozen = self.config.frozen_layers
+        for name, param in self.named_parameters():
+            layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+            if frozen and (layer is None or layer in frozen):
+                param.requires_grad_(".router." in name)
 
     def default_rule(self):
-        """The inference rule: threshold p, one calibrated threshold per routed layer when
-        training stored them (route_threshold), MoD's predictor when it has one."""
+        """The inference rule: p >= route_threshold (per layer once calibrated), or MoD's predictor."""
         cfg = self.config
         return Rule(kind="threshold", threshold=cfg.route_threshold, use_predictor=cfg.route_predictor)
 
@@ -376,12 +343,9 @@ class GPT(nn.Module):
         if positions is None:
             base = torch.arange(T, device=idx.device) if input_pos is None else input_pos
             positions = base.expand(B, T)
-        x = self.embed_tokens(idx)
-        rope = None
-        if self.config.arch == "gpt2":
-            x = x + self.pos_embed(positions)
-        else:
-            rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        gpt2 = self.config.arch == "gpt2"   # learned positions, or RoPE in every attention
+        x = (self.embed_tokens(idx) + self.pos_embed(positions)) if gpt2 else self.embed_tokens(idx)
+        rope = None if gpt2 else rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         routable = routable_tokens(valid, positions, self.config.route_sink_tokens)
         ctx = Context(rope, valid, routable, input_pos, rule or self.default_rule(), causal_only=input_pos is None)
         self.route_trace = []
@@ -395,11 +359,10 @@ class GPT(nn.Module):
         return self.lm_head(x[:, -1:] if last_only else x), None
 
     def lm_loss(self, x, targets, reduction):
-        """Cross-entropy, LOSS_CHUNK rows of fp32 logits at a time; with more than one chunk,
-        each is recomputed in the backward pass, so one chunk's logits are alive at a time.
-        Eager: only the positions that carry a target go through the head (in SFT, the
-        assistant's tokens). Compiled: every position, since selecting them has a
-        data-dependent shape that would break the graph."""
+        """Cross-entropy over LOSS_CHUNK rows of fp32 logits at a time; with several chunks, each
+        is recomputed in the backward pass. Eager: only positions with a target go through the
+        head (in SFT, the assistant's tokens). Compiled: every position, since selecting them
+        has a data-dependent shape that would break the graph."""
         keep = targets != -1
         static = torch.compiler.is_compiling()
         h, t = (x.flatten(0, 1), targets.flatten()) if static else (x[keep], targets[keep])
@@ -417,7 +380,7 @@ class GPT(nn.Module):
     # ---- cost estimators -------------------------------------------------------------
 
     def layer_flops(self, context):
-        """Forward FLOPs per token of one layer, split into (attention, mlp, kv projection)."""
+        """Forward FLOPs per token of one layer: (attention, mlp, kv projection)."""
         cfg, hs = self.config, self.config.head_dim
         kv_proj = 2 * cfg.n_embd * 2 * cfg.n_kv_head * hs
         attn = kv_proj + 2 * cfg.n_embd * 2 * cfg.n_head * hs + 2 * 2 * cfg.n_head * hs * context
@@ -425,36 +388,18 @@ class GPT(nn.Module):
         return attn, mlp, kv_proj
 
     def flops_per_token(self, executed=None, context=1024):
-        """Estimated forward FLOPs per token. executed: per layer, the fraction of tokens
-        that ran the routed part (None = dense). Embedding lookups are free; the LM head is not."""
+        """Estimated forward FLOPs per token. executed: per layer, the fraction of tokens that
+        ran the routed part (None = dense). Embedding lookups are free; the LM head is not."""
         cfg = self.config
-        executed = [1.0] * cfg.n_layer if executed is None else executed
         attn, mlp, kv_proj = self.layer_flops(context)
-        total = 2 * cfg.n_embd * cfg.vocab_size
-        for e in executed:
-            if cfg.route == "block":
-                total += e * (attn + mlp) + (1 - e) * (kv_proj if cfg.kv_policy == "compute" else 0)
-            else:
-                total += attn + e * mlp
-        return total
+        skipped = kv_proj if cfg.kv_policy == "compute" else 0   # a skipped block's cost
+        per_layer = [e * (attn + mlp) + (1 - e) * skipped if cfg.route == "block" else attn + e * mlp
+                     for e in ([1.0] * cfg.n_layer if executed is None else executed)]
+        return 2 * cfg.n_embd * cfg.vocab_size + sum(per_layer)
 
     def kv_bytes_per_token(self, executed=None):
         """K/V bytes stored per token: under `drop`, a layer stores only tokens that ran it."""
         cfg = self.config
         per_layer = 2 * cfg.n_kv_head * cfg.head_dim * self.embed_tokens.weight.element_size()
-        executed = [1.0] * cfg.n_layer if executed is None else executed
-        if not (cfg.route == "block" and cfg.kv_policy == "drop"):
-            executed = [1.0] * cfg.n_layer
-        return per_layer * sum(executed)
-
-    # ---- generation ---------------------------------------------------------------
-
-    def setup_caches(self, batch_size, max_seq):
-        w = self.embed_tokens.weight
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, max_seq, self.config.n_kv_head,
-                                               self.config.head_dim, w.dtype, w.device)
-
-    def clear_caches(self):
-        for layer in self.layers:
-            layer.self_attn.kv_cache = None
+        drop = cfg.route == "block" and cfg.kv_policy == "drop" and executed is not None
+        return per_layer * (sum(executed) if drop else cfg.n_layer)

@@ -1,14 +1,17 @@
 """
-Per-token layer routing: the router, the selection rules, the similarity labels,
-the router loss and the capacity schedule. Everything a reader needs to change how
-routers learn lives in this file; every function is a plain tensor function,
-testable without a model, and none of them syncs with the host.
+Per-token layer routing: the router, the selection rules, running the selected
+tokens, the similarity labels, the router loss and the capacity schedule. Everything
+a reader needs to change how routers learn lives in this file; every function is a
+plain tensor function, testable without a model, and only add_selected syncs with
+the host (its gather needs the number of selected tokens).
 
 Notable features
 - DLO router (arXiv 2407.11030, section 3.2): Linear(d, 1), zero-initialised, reads
   the block input x; logit and p = sigmoid(logit) always in fp32, also under autocast
 - selection rules: top-k with per-layer capacity (ties kept), threshold p (causal),
   explicit masks (the label oracle and the random control)
+- skipping that saves the work: the selected tokens are gathered, run and scattered
+  back (kernels.scale_scatter); the others cost nothing
 - sink tokens: the first positions of every row always run and are left out of
   the top-k count, the labels and the loss (attention sinks, arXiv 2309.17453)
 - labels `cos`, `cos-global` (a tie at the cut, e.g. a branch that returns exactly 0,
@@ -23,6 +26,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import kernels
 
 
 class Router(nn.Module):
@@ -160,6 +165,25 @@ def routable_tokens(valid, positions, sink_tokens):
     positions of the row. The first token's MLP writes the attention sink's massive
     activation (arXiv 2402.17762, section 3); skipping it costs SmolLM2 1.6 nats."""
     return valid & (positions >= sink_tokens) if sink_tokens else valid
+
+
+# ---- running the selected tokens -----------------------------------------------------
+
+def add_selected(base, sel, gate, rows_fn, similarity):
+    """base + gate * branch on the selected tokens, where rows_fn(idx) runs the routed
+    branch on rows idx of the (B * T, C) tokens. Returns (out, cos per token or None).
+    Skipped tokens cost nothing: gather, run, scatter (kernels.scale_scatter); positions
+    never move, so the residual is added once. The label rules need cos(base, base +
+    branch) for every token, so with `similarity` every token runs the branch, once,
+    instead of the official code's second no-grad pass (DLO section 3.3)."""
+    if similarity:
+        y = rows_fn(slice(None)).view_as(base)
+        return base + (sel * gate).unsqueeze(-1).to(y.dtype) * y, token_similarity(base, base + y)
+    if not sel.any():   # e.g. a skipped token at batch-1 decode: nothing to run at all
+        return base, None
+    idx = sel.flatten().nonzero().squeeze(1)   # ascending token order; the one host sync here
+    out = kernels.scale_scatter(base.reshape(-1, base.size(-1)), idx, rows_fn(idx), gate.flatten())
+    return out.view_as(base), None
 
 
 # ---- labels --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import weights
+from model import KVCache
 from router import Rule, executed_map
 from weights import pick_device
 
@@ -69,6 +70,20 @@ def pad_left(prompts, device):
         idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
         valid[b, P - len(p):] = True
     return Prompts(idx, valid, (valid.cumsum(1) - 1).clamp(min=0))
+
+
+@contextmanager
+def kv_caches(model, batch_size, max_seq):
+    """A static KV cache (model.KVCache) in every attention while the block runs, gpt-fast
+    style: its shapes never change, so a compiled decode step is traced once."""
+    w, cfg = model.embed_tokens.weight, model.config
+    for layer in model.layers:
+        layer.self_attn.kv_cache = KVCache(batch_size, max_seq, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device)
+    try:
+        yield model
+    finally:
+        for layer in model.layers:
+            layer.self_attn.kv_cache = None
 
 
 def prefill(model, batch, rule):
@@ -123,8 +138,7 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
     rule = rule or model.default_rule()
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    model.setup_caches(len(prompts), P + max_new_tokens)
-    try:
+    with kv_caches(model, len(prompts), P + max_new_tokens):
         logits, prompt_ran = prefill(model, batch, rule)
         ran, position = (prompt_ran[:, -1] if prompt_ran is not None else None), batch.positions[:, -1:] + 1
         slot = torch.full((1,), P, dtype=torch.long, device=device)
@@ -140,8 +154,6 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
             with onednn(enabled=not cpu_bf16):
                 logits, ran = decode(model, token, slot, position, ~done, rule)
             slot, position = slot + 1, position + 1
-    finally:
-        model.clear_caches()
 
 
 @contextmanager

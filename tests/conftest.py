@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dlo  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from sample import kv_caches  # noqa: E402
 
 
 def pytest_configure(config):
@@ -70,17 +71,16 @@ def cached_logits(model, prompts, rule=None):
         idx[b, P - len(p):] = torch.tensor(p)
         valid[b, P - len(p):] = True
     positions = (valid.cumsum(1) - 1).clamp(min=0)
-    model.setup_caches(B, P)
-    split = P // 2
-    out = []
-    logits, _ = model(idx[:, :split], input_pos=torch.arange(split), positions=positions[:, :split],
-                      valid=valid[:, :split], rule=rule)
-    out.append(logits)
-    for t in range(split, P):
-        logits, _ = model(idx[:, t:t + 1], input_pos=torch.tensor([t]), positions=positions[:, t:t + 1],
-                          valid=valid[:, t:t + 1], rule=rule)
+    with kv_caches(model, B, P):
+        split = P // 2
+        out = []
+        logits, _ = model(idx[:, :split], input_pos=torch.arange(split), positions=positions[:, :split],
+                          valid=valid[:, :split], rule=rule)
         out.append(logits)
-    model.clear_caches()
+        for t in range(split, P):
+            logits, _ = model(idx[:, t:t + 1], input_pos=torch.tensor([t]), positions=positions[:, t:t + 1],
+                              valid=valid[:, t:t + 1], rule=rule)
+            out.append(logits)
     logits = torch.cat(out, 1)
     return [logits[b, valid[b]] for b in range(B)]
 

@@ -173,7 +173,7 @@ def test_fused_decode_step_never_waits_on_the_host():
     size its packed rows; decode's route_mlp decides and skips on the device. The tokens are
     the ones the reference path (gather, MLP, scatter) produces."""
     import kernels
-    from sample import decode_one_token, pad_left, prefill
+    from sample import decode_one_token, kv_caches, pad_left, prefill
     if not (kernels.HAS_TRITON and kernels.INTERPRET):
         pytest.skip("needs triton under TRITON_INTERPRET=1")
     model = routed(METHODS["dlo-cos-global"], sink_tokens=1).eval()
@@ -181,13 +181,12 @@ def test_fused_decode_step_never_waits_on_the_host():
     rule = model.default_rule()
 
     def decode_twice():
-        model.setup_caches(2, 8)
-        logits, _ = prefill(model, batch, rule)
-        token = logits.argmax(-1)
-        with torch.profiler.profile() as prof:
-            logits, ran = decode_one_token(model, token, torch.tensor([4]), batch.positions[:, -1:] + 1,
-                                           torch.ones(2, dtype=torch.bool), rule)
-        model.clear_caches()
+        with kv_caches(model, 2, 8):
+            logits, _ = prefill(model, batch, rule)
+            token = logits.argmax(-1)
+            with torch.profiler.profile() as prof:
+                logits, ran = decode_one_token(model, token, torch.tensor([4]), batch.positions[:, -1:] + 1,
+                                               torch.ones(2, dtype=torch.bool), rule)
         return logits, ran, {e.key for e in prof.key_averages()}
 
     calls = []

@@ -10,7 +10,7 @@ from conftest import cached_logits, full_logits, routed_tiny, tiny_model
 from router import (CapacitySchedule, Rule, Trace, dynamic_lr_scales, make_labels, router_loss,
                     select_threshold, select_topk, similarity_labels)
 from model import Context, rope_tables
-from sample import generate, generate_stream
+from sample import generate, generate_stream, kv_caches
 
 
 @pytest.mark.parametrize("route,policy", [("mlp", "compute"), ("block", "compute"), ("block", "drop")])
@@ -29,15 +29,14 @@ def test_cached_decode_equals_full_forward_with_routing(route, policy):
 def test_drop_policy_stores_and_attends_no_skipped_kv():
     model = routed_tiny("block", kv_policy="drop")
     idx = torch.randint(0, 97, (1, 12))
-    model.setup_caches(1, 12)
-    model(idx, input_pos=torch.arange(12))
-    for t in model.route_trace:
-        cache = model.layers[t.layer].self_attn.kv_cache
-        skipped = ~t.sel[0]
-        assert torch.equal(cache.valid[0], t.sel[0])               # never attended to
-        assert cache.k[0][:, skipped].abs().sum() == 0             # never stored
-        assert cache.v[0][:, skipped].abs().sum() == 0
-    model.clear_caches()
+    with kv_caches(model, 1, 12):
+        model(idx, input_pos=torch.arange(12))
+        for t in model.route_trace:
+            cache = model.layers[t.layer].self_attn.kv_cache
+            skipped = ~t.sel[0]
+            assert torch.equal(cache.valid[0], t.sel[0])               # never attended to
+            assert cache.k[0][:, skipped].abs().sum() == 0             # never stored
+            assert cache.v[0][:, skipped].abs().sum() == 0
 
 
 def test_skipped_token_kv_is_not_attended_under_drop():
