@@ -7,7 +7,7 @@ import torch
 
 import dlo
 from conftest import cached_logits, full_logits, routed_tiny, tiny_model
-from router import (CapacitySchedule, Rule, Trace, dynamic_lr_scales, make_labels, router_loss,
+from router import (CapacitySchedule, Rule, Trace, add_selected, dynamic_lr_scales, make_labels, router_loss,
                     select_threshold, select_topk, similarity_labels)
 from model import Context, rope_tables
 from sample import generate, generate_stream, kv_caches
@@ -65,6 +65,23 @@ def test_skipped_token_kv_is_not_attended_under_drop():
     moved = model(idx)[0]
     attn.qkv_proj.forward = original
     assert (moved - base).abs().max() < 1e-6
+
+
+def test_add_selected_runs_only_the_selected_rows_and_matches_the_dense_label_path():
+    g = torch.Generator().manual_seed(0)
+    base, w, gate = torch.randn(2, 5, 8, generator=g), torch.randn(8, 8, generator=g), torch.rand(2, 5, generator=g)
+    sel = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    ran = []
+    branch = lambda idx: ran.append(idx) or base.reshape(-1, 8)[idx] @ w
+    sparse, no_sim = add_selected(base, sel, gate, branch, similarity=False)
+    assert no_sim is None and ran[0].tolist() == [0, 2, 8, 9]          # the skipped rows never ran
+    assert torch.equal(sparse[~sel], base[~sel])
+    torch.testing.assert_close(sparse, base + (sel * gate)[..., None] * (base @ w))
+    dense, sim = add_selected(base, sel, gate, branch, similarity=True)  # the label rules' path
+    torch.testing.assert_close(dense, sparse)
+    torch.testing.assert_close(sim, torch.cosine_similarity(base, base + base @ w, dim=-1))
+    nothing = torch.zeros_like(sel)
+    assert add_selected(base, nothing, gate, branch, similarity=False)[0] is base and len(ran) == 2
 
 
 def test_topk_keeps_ties_and_never_selects_padding():
