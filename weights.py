@@ -384,16 +384,17 @@ def from_pretrained(source="smollm2", dtype=torch.float32):
 
 # ---- where the weights run: one choice for train, evaluate, sample and bench ---------
 
-def place(model, device, input_major=True):
-    """The model on `device`, its weights laid out the way that device multiplies fastest.
+def place(model, device):
+    """The model on `device`, its weights laid out the way that device decodes fastest.
     On CPU, fp32 Linear weights are stored input-major: each is the transposed view of an
     (in, out) tensor, so F.linear hands MKL x @ W with W row-major. Same values, logits
     equal up to summation order; the batch-1 decode GEMV streams them 1.3x faster than
-    the (out, in) layout, and the fp32 training step runs 1.07x to 1.16x faster (2-core
-    CPU, two runs). bf16 weights keep the (out, in) layout, which CPU bf16 GEMV needs.
+    the (out, in) layout. For inference only: a training step on these transposed views
+    takes about 10% more CPU time (gradient copies, AdamW), so train.py does not use it.
+    bf16 weights keep the (out, in) layout, which CPU bf16 GEMV needs.
     Tied weights stay tied: the shared Parameter gets new storage, not a replacement."""
     model.to(device)
-    if device != "cpu" or not input_major:
+    if device != "cpu":
         return model
     for module in model.modules():
         w = getattr(module, "weight", None)
