@@ -305,8 +305,8 @@ def main(argv=None):
         out["decode_compiled"] = report("decode b=1, ours fp32 compiled", rate, "tok/s")
         report("  compiled / eager", rate / eager)
 
-    # one optimizer step at the default SFT shape, in train.py's (out, in) layout; steps train
-    # copies, so base keeps its weights
+    # one optimizer step at the default SFT shape, in train.py's (out, in) layout; the steps
+    # train copies, so `standard` keeps its weights for the dense and DLO rows below
     batch = sft_batch()
     steps = {}
     hf = None   # free its memory for the training rows

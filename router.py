@@ -2,8 +2,9 @@
 Per-token layer routing: the router, the selection rules, running the selected
 tokens, the similarity labels, the router loss and the capacity schedule. Everything
 a reader needs to change how routers learn lives in this file; every function is a
-plain tensor function, testable without a model, and only add_selected syncs with
-the host (its gather needs the number of selected tokens).
+plain tensor function, testable without a model. In the forward pass only add_selected
+syncs with the host (its gather needs the number of selected tokens); the schedule and
+the evaluation helpers read their few numbers back once per step or evaluation.
 
 Notable features
 - DLO router (arXiv 2407.11030, section 3.2): Linear(d, 1), zero-initialised, reads

@@ -515,7 +515,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     # the standard (out, in) layout, not weights.place's: its transposed CPU weights speed up
-    # decoding but cost a training step about 10% more CPU time (README, "Speed")
+    # decoding but cost a training step gradient and AdamW copies (README, "Speed")
     model = model.to(device)
     result = Trainer(cfg, model, train_data, val_data, resume, rank, world, device).run()
     if world > 1:

@@ -382,15 +382,15 @@ def from_pretrained(source="smollm2", dtype=torch.float32):
     return load_gguf(source, dtype)
 
 
-# ---- where the weights run: one choice for train, evaluate, sample and bench ---------
+# ---- where the weights run: the device, the dtype and the decode layout ---------------
 
 def place(model, device):
     """The model on `device`, its weights laid out the way that device decodes fastest.
     On CPU, fp32 Linear weights are stored input-major: each is the transposed view of an
     (in, out) tensor, so F.linear hands MKL x @ W with W row-major. Same values, logits
     equal up to summation order; the batch-1 decode GEMV streams them 1.3x faster than
-    the (out, in) layout. For inference only: a training step on these transposed views
-    takes about 10% more CPU time (gradient copies, AdamW), so train.py does not use it.
+    the (out, in) layout. For inference only: on these transposed views a training step
+    spends extra time copying gradients and in AdamW, so train.py does not use it.
     bf16 weights keep the (out, in) layout, which CPU bf16 GEMV needs.
     Tied weights stay tied: the shared Parameter gets new storage, not a replacement."""
     model.to(device)
