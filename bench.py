@@ -4,7 +4,6 @@ dense models, measured side by side in one run: every ratio comes from one proce
 
     python bench.py              # decode, training step, bf16, perplexity: ~5 minutes on a 2-core CPU
     python bench.py --compile    # + the compiled decode step, and its compile time
-    python bench.py --full       # + routed decoding at forced executed fractions, batch 1 and 8
 
 Sections
 - Hamlet perplexity, fp32 and bf16 weights
@@ -35,7 +34,7 @@ import kernels
 import weights
 from data import open_split, shakespeare_text
 from router import Rule
-from sample import generate, generate_stream
+from sample import generate_stream
 from tokenizer import load_tokenizer
 from train import TrainConfig, micro_loss
 from weights import autocast, pick_device
@@ -48,8 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--new_tokens", type=int, default=48, help="decoded tokens per row")
     p.add_argument("--repeats", type=int, default=5, help="best of this many runs")
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
-    p.add_argument("--full", action="store_true", help="also the routed decode table (minutes more)")
-    p.add_argument("--fractions", default="0.75,0.5,0.25", help="--full: executed fractions forced")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="out/bench.json", help="JSON output")
     p.add_argument("--ppl_only", action="store_true", help="only the Hamlet perplexity of the model")
@@ -79,7 +76,8 @@ def best_of(repeats, *contenders):
 
 
 def decode_rate(model, prompts, new_tokens, rule=None, compiled=False):
-    """(prefill tok/s, decode tok/s, mean executed fraction per layer over decoded tokens)."""
+    """(prefill tok/s, decode tok/s, and per layer the fraction of decoded tokens that ran
+    its attention and its MLP, (n_layer, 2), or None for an unrouted model)."""
     t0 = time.perf_counter()
     ran, t_first = [], None
     for i, step in enumerate(generate_stream(model, prompts, new_tokens, rule=rule, compiled=compiled)):
@@ -88,7 +86,7 @@ def decode_rate(model, prompts, new_tokens, rule=None, compiled=False):
         elif step.ran is not None:
             ran.append(step.ran.float())
     B = len(prompts)
-    per_layer = torch.cat(ran).mean(0).tolist() if ran else None
+    per_layer = torch.cat(ran).double().mean(0) if ran else None
     return B * len(prompts[0]) / (t_first - t0), B * (new_tokens - 1) / (time.perf_counter() - t_first), per_layer
 
 
@@ -151,7 +149,7 @@ def ours_step(model, batch, dtype, rule=None, labels=None):
     device = str(model.embed_tokens.weight.device)
     x, y, valid = (t.to(device) for t in batch)
     cfg = TrainConfig(labels=labels or "none", train_rule="topk")
-    n_route = int(valid.sum()) * max(1, len(model.config.routed_ids()))
+    n_route = int(valid.sum()) * max(1, len(model.config.route_slots()))
     loss = lambda: micro_loss(model, model, x, y, valid, rule, cfg, 0.59, int((y != -1).sum()), n_route)[0]
     return timed_step(model.parameters(), loss, x.numel(), device, dtype)
 
@@ -166,54 +164,6 @@ def hf_step(hf, batch, dtype):
         logits = hf(input_ids=x, attention_mask=valid.long()).logits
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1)
     return timed_step(hf.parameters(), loss, x.numel(), device, dtype)
-
-
-def force_fraction(model, fraction, sequence):
-    """Random router weights, then per-layer thresholds that run `fraction` of the tokens
-    of `sequence` at each layer, set layer by layer with the layers below already routed
-    (skipping changes what later layers see): a stand-in for a trained router."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in model.layers:
-            if layer.router is not None:
-                w = torch.randn(layer.router.weight.shape, generator=g) / layer.router.weight.size(1) ** 0.5
-                layer.router.weight.copy_(w.to(layer.router.weight))
-        thresholds = [0.0] * len(model.config.routed_ids())
-        for slot in range(len(thresholds)):
-            model(sequence, rule=Rule("threshold", tuple(thresholds)))
-            thresholds[slot] = float(torch.quantile(model.route_trace[slot].p.flatten(), 1 - fraction))
-    return Rule("threshold", tuple(thresholds))
-
-
-def routed_table(base, prompt, args):
-    """Decode speed of routed 40-layer models at forced fractions against the dense one:
-    realized/ideal = (speedup over dense) / (its FLOPs per token over the row's)."""
-    dense = dlo.expand(base, "interleave", n_new=base.config.n_layer // 3, init="zeros")
-    calib = torch.tensor([prompt + generate(dense, [prompt], args.new_tokens)[0]])
-    rows = [("dense expanded", dense, None)]
-    for route, policy in (("mlp", "compute"), ("block", "compute"), ("block", "drop")):
-        for f in [float(s) for s in args.fractions.split(",")] if policy == "compute" else [0.5]:
-            routed = dlo.activate(dense, route, kv_policy=policy).eval()
-            rows.append((f"{route} skip{', drop KV' if policy == 'drop' else ''}, {f:.0%} forced",
-                         routed, force_fraction(routed, f, calib)))
-    out, context = [], args.prompt_len + args.new_tokens // 2
-    print("\n| model | batch | layers run | GFLOPs/token | KV bytes/token | prefill tok/s | decode tok/s "
-          "| realized/ideal |\n|---|---|---|---|---|---|---|---|")
-    for B in (1, 8):
-        reference = None
-        for name, model, rule in rows:
-            runs = [decode_rate(model, [prompt] * B, args.new_tokens, rule) for _ in range(args.repeats)]
-            prefill, decode, per_layer = max(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2]
-            flops = model.flops_per_token(per_layer, context)
-            reference = reference or (decode, flops)
-            ratio = (decode / reference[0]) / (reference[1] / flops)
-            ran = sum(per_layer) if per_layer else model.config.n_layer
-            out.append({"model": name, "batch": B, "exec_layers": ran, "gflops_per_token": flops / 1e9,
-                        "prefill_tok_s": prefill, "decode_tok_s": decode, "realized_over_ideal": ratio})
-            print(f"| {name} | {B} | {ran:.1f}/{model.config.n_layer} | {flops / 1e9:.3f} "
-                  f"| {model.kv_bytes_per_token(per_layer):,.0f} | {prefill:.1f} | {decode:.1f} | {ratio:.2f} |",
-                  flush=True)
-    return out
 
 
 def kernel_ratios(device, model):
@@ -323,7 +273,7 @@ def main(argv=None):
         del contenders, hf_model
     dense = dlo.expand(standard, "interleave", n_new=base.config.n_layer // 3, init="zeros").train()
     routed = dlo.activate(dense, "mlp", layers=dense.config.new_layers, sink_tokens=1).train()
-    caps = torch.full((len(routed.config.routed_ids()),), 0.59, dtype=torch.float64)
+    caps = torch.full((len(routed.config.route_slots()),), 0.59, dtype=torch.float64)
     rule = Rule("topk", capacity=caps, similarity=True)
     rates = best_of(args.repeats, ours_step(dense, batch, "bfloat16"),
                     ours_step(routed, batch, "bfloat16", rule, labels="cos-global"))
@@ -336,8 +286,6 @@ def main(argv=None):
     if out["kernel_speedup"]:
         for name, ratio in out["kernel_speedup"].items():
             report(f"Triton / reference speed-up, {name}", ratio)
-    if args.full:
-        out["routed"] = routed_table(base, prompt, args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

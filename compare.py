@@ -122,21 +122,27 @@ def run_method(name, args):
         records = [json.loads(line) for line in f]
     before = next(r for r in records if "val_loss" in r)
     last_step = [r for r in records if "loss" in r][-1]
-    row = {"method": name, "layers": model.config.n_layer, "loss_before": before["val_loss"],
-           "eval": after, "exec_infer": after["exec_frac_infer"] * model.config.n_layer,
-           "exec_train": last_step.get("exec_frac_train", 1.0) * model.config.n_layer,
-           "gflops_per_token": model.flops_per_token(after["exec_per_layer"], args.seq_len) / 1e9,
-           "kv_bytes_per_token": model.kv_bytes_per_token(after["exec_per_layer"]),
-           "train_seconds": time.time() - t0}
+    L = model.config.n_layer
+    row = {"method": name, "layers": L, "loss_before": before["val_loss"], "eval": after,
+           "train": [last_step.get(f"{part}_frac_train", 1.0) * L for part in ("attn", "mlp")],
+           "kv_bytes_per_token": model.kv_bytes_per_token(after["attn_per_layer"]),
+           "train_seconds": time.time() - t0, **ran(model, after, args.seq_len)}
     row["decode_tok_s"] = decode_speed(model, args.decode_tokens) if args.decode_tokens else None
     rows = [row]
-    if name in args.controls.split(",") and model.config.route == "mlp" and cfg.train_rule == "topk":
-        for control, rule in evaluate.controls(after).items():
+    slots = model.config.route_slots()
+    if name in args.controls.split(",") and slots and cfg.train_rule == "topk":
+        for control, rule in evaluate.controls(after, [part for _, part in slots]).items():
             _, result = evaluate_checkpoint(ckpt, cfg, rule)
             rows.append({**row, "method": f"{name}, {control}", "eval": result, "decode_tok_s": None,
-                         "exec_infer": result["exec_frac_infer"] * model.config.n_layer,
-                         "gflops_per_token": model.flops_per_token(result["exec_per_layer"], args.seq_len) / 1e9})
+                         **ran(model, result, args.seq_len)})
     return rows
+
+
+def ran(model, result, context):
+    """Attentions and MLPs run per token at inference, and the FLOPs they cost."""
+    L, attn, mlp = model.config.n_layer, result["attn_per_layer"], result["mlp_per_layer"]
+    return {"infer": [result["attn_frac_infer"] * L, result["mlp_frac_infer"] * L],
+            "gflops_per_token": model.flops_per_token(attn, mlp, context) / 1e9}
 
 
 def difference(row, other):
@@ -151,18 +157,20 @@ def table(results):
     """The Markdown table, then each routed method against its controls."""
     by_name = {r["method"]: r for r in results}
     base, dense = by_name.get("base"), by_name.get("dense")
-    lines = ["| method | layers | loss before | loss after ± SE | vs base | vs dense | layers run (infer / train) "
-             "| GFLOPs/token | KV bytes/token | decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | layers | loss before | loss after ± SE | vs base | vs dense | attentions run (infer / train) "
+             "| MLPs run (infer / train) | GFLOPs/token | KV bytes/token | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         speed = f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else "-"
         lines.append(f"| {r['method']} | {r['layers']} | {r['loss_before']:.3f} | {r['eval']['val_loss']:.4f} ± "
                      f"{r['eval']['val_se']:.3f} | {difference(r, base)} | {difference(r, dense)} "
-                     f"| {r['exec_infer']:.2f} / {r['exec_train']:.2f} | {r['gflops_per_token']:.3f} "
-                     f"| {r['kv_bytes_per_token']:,.0f} | {speed} |")
+                     f"| {r['infer'][0]:.2f} / {r['train'][0]:.2f} | {r['infer'][1]:.2f} / {r['train'][1]:.2f} "
+                     f"| {r['gflops_per_token']:.3f} | {r['kv_bytes_per_token']:,.0f} | {speed} |")
     for name, r in by_name.items():
-        if f"{name}, random" in by_name:
-            lines.append(f"\n{name} - random: {difference(r, by_name[f'{name}, random'])}; {name} - oracle: "
-                         f"{difference(r, by_name[f'{name}, oracle'])} (paired over the same conversations)")
+        against = [f"{name} - {c}: {difference(r, by_name[f'{name}, {c}'])}" for c in ("static", "random", "oracle")
+                   if f"{name}, {c}" in by_name]
+        if against:
+            lines.append(f"\n{'; '.join(against)} (paired over the same conversations)")
     return "\n".join(lines)
 
 

@@ -85,7 +85,7 @@ def slerp(a, b, t=0.5, dot_threshold=0.9995):
 def new_layer_state(model, i, init):
     """State dict for a layer built from original layer i. Routers are left out, so a new
     layer always starts with a fresh, zero-initialised router."""
-    src = {k: v.clone() for k, v in model.layers[i].state_dict().items() if not k.startswith("router.")}
+    src = {k: v.clone() for k, v in model.layers[i].state_dict().items() if not is_router(k)}
     if init == "copy":
         return src
     if init == "zeros":
@@ -95,9 +95,9 @@ def new_layer_state(model, i, init):
                 src[k].zero_()
         return src
     if init == "random":
-        fresh = Block(model.config, routed=False).to(next(model.parameters()).device)
+        fresh = Block(model.config).to(next(model.parameters()).device)
         fresh.apply(GPT._init_weights)
-        return {k: v.to(src[k].dtype) for k, v in fresh.state_dict().items()}
+        return {k: v.to(src[k].dtype) for k, v in fresh.state_dict().items() if k in src}
     # merges pair layer i with the one below it (layer 1 for the bottom layer)
     j = i - 1 if i > 0 else min(1, model.config.n_layer - 1)
     other = model.layers[j].state_dict()
@@ -108,9 +108,14 @@ def new_layer_state(model, i, init):
     raise ExpansionError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
 
 
+def is_router(key):
+    return key.startswith(("router.", "attn_router."))
+
+
 def rebuild(model, plan, **config_changes):
     """A new model whose layer j comes from plan[j]; embeddings, final norm and head are
-    copied. Routed and frozen layer lists follow their layers to the new indices."""
+    copied. Routed and frozen layer lists, and calibrated thresholds, follow their layers
+    to the new indices."""
     cfg = model.config
     moved = {src: j for j, (src, init) in enumerate(plan) if init is None}
     remap = lambda ids: tuple(moved[i] for i in ids if i in moved)
@@ -119,11 +124,19 @@ def rebuild(model, plan, **config_changes):
     if cfg.routed_layers:  # new layers are routed too when the model routes its layers
         changes["routed_layers"] = tuple(sorted(set(remap(cfg.routed_layers)) | {
             j for j, (_, init) in enumerate(plan) if init is not None}))
+        if not changes["routed_layers"]:   # () would mean "every layer"
+            changes["route"] = "none"
+    changes["attn_routed_layers"] = remap(cfg.attn_routed_layers)
     changes["frozen_layers"] = remap(cfg.frozen_layers)
     changes.update(config_changes)
     new_cfg = copy.deepcopy(cfg)
     for k, v in changes.items():
         setattr(new_cfg, k, v)
+    if isinstance(cfg.route_threshold, tuple) and "route_threshold" not in config_changes:
+        # a part keeps its calibrated threshold; a new router (p = 0.5) starts at 0.5
+        old = dict(zip(cfg.route_slots(), cfg.route_threshold))
+        new_cfg.route_threshold = tuple(old.get((plan[j][0], part), 0.5) if plan[j][1] is None else 0.5
+                                        for j, part in new_cfg.route_slots())
     new_cfg.__post_init__()
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     new = GPT(new_cfg).to(device=device, dtype=dtype)
@@ -133,11 +146,11 @@ def rebuild(model, plan, **config_changes):
                 getattr(new, name).load_state_dict(getattr(model, name).state_dict())
         for j, (src, init) in enumerate(plan):
             state = model.layers[src].state_dict() if init is None else new_layer_state(model, src, init)
-            if new.layers[j].router is None:
-                state = {k: v for k, v in state.items() if not k.startswith("router.")}
+            want = new.layers[j].state_dict()
+            state = {k: v for k, v in state.items() if k in want}   # routers only where the new layer has them
             new.layers[j].load_state_dict(state, strict=False)
-            missing = set(new.layers[j].state_dict()) - set(state)
-            if any(not k.startswith("router.") for k in missing):
+            missing = set(want) - set(state)
+            if any(not is_router(k) for k in missing):
                 raise ExpansionError(f"layer {j}: no weights for {sorted(missing)}")
     return new
 
@@ -196,16 +209,18 @@ def routed_layers(config, which="all", dense_first=0, dense_last=0):
     return layers
 
 
-def activate(model, route="mlp", layers=(), sink_tokens=0, **route_options):
-    """Return a copy of the model with routers on `layers` (() = every layer), e.g.
-    activate(m, "mlp") for DLO, activate(m, "block", layers=range(1, L - 1), kv_policy="drop")
-    for MoDification. Existing weights are kept; routers start at zero (p = 0.5).
-    sink_tokens: the first positions of every row always run (router.routable_tokens)."""
+def activate(model, route="mlp", layers=(), sink_tokens=0, attn_layers=(), **route_options):
+    """Return a copy of the model with routers on `layers` (() = every layer) skipping
+    `route` ("mlp", "attn", "attn+mlp" or "block"), and attention routers on `attn_layers`:
+    activate(m, "mlp") for DLO, activate(m, "block", layers=new, attn_layers=originals)
+    to route inserted blocks whole and the original layers' attention. Existing weights
+    are kept; routers start at zero (p = 0.5). sink_tokens: the first positions of every
+    row always run (router.routable_tokens)."""
     if sink_tokens < 0:
         raise ExpansionError(f"sink_tokens must be >= 0, got {sink_tokens}")
     plan = [(i, None) for i in range(model.config.n_layer)]
-    return rebuild(model, plan, route=route, routed_layers=tuple(layers), route_sink_tokens=sink_tokens,
-                   **route_options)
+    return rebuild(model, plan, route=route, routed_layers=tuple(layers), attn_routed_layers=tuple(attn_layers),
+                   route_sink_tokens=sink_tokens, **route_options)
 
 
 def drop_layers(model, layers):

@@ -28,7 +28,7 @@ import torch
 
 import weights
 from data import open_split
-from router import (CapacitySchedule, Rule, executed_fraction, make_labels, routable_tokens, router_agreement,
+from router import (Rule, executed_fraction, executed_map, make_labels, part_schedule, router_agreement,
                     select_topk, thresholds_from_topk)
 from tokenizer import load_tokenizer
 from weights import autocast, pick_device, pick_dtype
@@ -49,15 +49,15 @@ def paired_difference(a, b):
 
 
 @torch.no_grad()
-def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, label_capacity=None):
-    """Held-out loss (mean and SE over rows), the executed fraction of all layers, per-layer
-    fractions (over real tokens, and per routed layer over its routable tokens), and with
-    `labels` the routers' agreement with them. `rule`: a Rule, or a function
-    (model, x, valid) -> Rule for rules that look at the batch first (the controls)."""
+def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, label_capacity=None, groups=None):
+    """Held-out loss (mean and SE over rows), the executed fractions of all attentions and
+    all MLPs, per-layer fractions (over real tokens, and per routed part over its routable
+    tokens), and with `labels` the routers' agreement with them. `rule`: a Rule, or a
+    function (model, x, valid) -> Rule for rules that look at the batch first (the controls)."""
     model.eval()
-    L, n_routed = model.config.n_layer, len(model.config.routed_ids())
+    L, n_routed = model.config.n_layer, len(model.config.route_slots())
     sums, counts, agree = [], [], []
-    ran, n_valid, exec_total = torch.zeros(L, dtype=torch.float64), 0, 0.0
+    ran, n_valid, exec_total = torch.zeros(2, L, dtype=torch.float64), 0, torch.zeros(2, dtype=torch.float64)
     routed_ran, routable = torch.zeros(n_routed, dtype=torch.float64), torch.zeros(n_routed, dtype=torch.float64)
     with autocast(device, dtype):
         for i in range(0, len(rows), batch_size):
@@ -69,20 +69,22 @@ def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, la
             sums += tok_loss.sum(1).tolist()
             counts += (y != -1).sum(1).tolist()
             traces, nv = model.route_trace, int(valid.sum())
-            exec_total += float(executed_fraction(traces, L, nv)) * nv
+            exec_total += torch.tensor(executed_fraction(traces, L, nv), dtype=torch.float64) * nv
             n_valid += nv
-            per_layer = [nv] * L   # unrouted layers run every real token
+            if traces:
+                ran += executed_map(traces, L)[valid].sum(0).double().T
+            else:   # nothing routed: every real token runs every layer
+                ran += nv
             for slot, t in enumerate(traces):
-                per_layer[t.layer] = int((t.sel & t.valid).sum())
                 routed_ran[slot] += int((t.sel & t.routable).sum())
                 routable[slot] += int(t.routable.sum())
-            ran += torch.tensor(per_layer, dtype=torch.float64)
             if traces and labels in ("cos", "cos-global"):
-                agree.append(router_agreement(traces, make_labels(traces, labels, label_capacity)[0]))
+                agree.append(router_agreement(traces, make_labels(traces, labels, label_capacity, groups=groups)[0]))
     model.train()
     loss, se = row_stats(sums, counts)
-    out = {"val_loss": loss, "val_se": se, "exec_frac_infer": exec_total / n_valid,
-           "exec_per_layer": (ran / n_valid).tolist(), "routed_frac": (routed_ran / routable.clamp(min=1)).tolist(),
+    out = {"val_loss": loss, "val_se": se, "attn_frac_infer": float(exec_total[0]) / n_valid,
+           "mlp_frac_infer": float(exec_total[1]) / n_valid, "attn_per_layer": (ran[0] / n_valid).tolist(),
+           "mlp_per_layer": (ran[1] / n_valid).tolist(), "routed_frac": (routed_ran / routable.clamp(min=1)).tolist(),
            "row_sums": sums, "row_counts": counts}
     if agree:
         out["router_agree"], out["router_bce"] = (float(np.mean([a[i] for a in agree])) for i in (0, 1))
@@ -116,20 +118,28 @@ def oracle_rule(fractions):
 
 
 def random_rule(fractions, seed=0):
-    """Per batch and layer, a random subset of the routable tokens, at the given fraction."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rule(model, x, valid):
-        routable = routable_tokens(valid, torch.arange(x.size(1), device=x.device), model.config.route_sink_tokens)
-        masks = [select_topk(torch.rand(x.shape, generator=g).to(x.device), routable, f) for f in fractions]
-        return Rule("mask", masks=masks)
-    return rule
+    """Each routable token runs each routed part with that part's probability."""
+    return Rule("random", capacity=torch.tensor(fractions), generator=torch.Generator().manual_seed(seed))
 
 
-def controls(result):
-    """The control rules of a routed evaluation `result`, at its per-layer fractions."""
+def static_rule(fractions, parts):
+    """Static pruning at the routers' budget: per kind of part ("attn", "mlp", "block"),
+    keep the most used parts whole and drop the others whole, keeping ceil(sum of that
+    kind's fractions) of them, so the control never runs less than the routers did."""
+    keep = torch.zeros(len(fractions))
+    for kind in set(parts):
+        slots = sorted((i for i, p in enumerate(parts) if p == kind), key=lambda i: -fractions[i])
+        n = math.ceil(sum(fractions[i] for i in slots) - 1e-6)
+        keep[slots[:n]] = 1.0
+    return Rule("static", capacity=keep)
+
+
+def controls(result, parts):
+    """The control rules of a routed evaluation `result`, at its per-part fractions;
+    parts: each routed part's kind (GPTConfig.route_slots)."""
     fractions = result["routed_frac"]
-    return {"oracle": oracle_rule(fractions), "random": random_rule(fractions), "p>=0.5": Rule("threshold", 0.5)}
+    return {"oracle": oracle_rule(fractions), "random": random_rule(fractions), "static": static_rule(fractions, parts),
+            "p>=0.5": Rule("threshold", 0.5)}
 
 
 def held_out(train_config, split="val"):
@@ -143,28 +153,39 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on held-out rows; calibrate its routers.")
     p.add_argument("checkpoint", help="a train.py checkpoint (.pt)")
     p.add_argument("--rows", type=int, default=None, help="held-out rows (default: the run's eval_rows)")
-    p.add_argument("--controls", action="store_true", help="also the label oracle, random routing and p >= 0.5")
+    p.add_argument("--controls", action="store_true",
+                   help="also the label oracle, random routing, static pruning and p >= 0.5")
     p.add_argument("--calibrate", type=float, default=None, metavar="C",
                    help="write thresholds for mean capacity C of the routed layers into the checkpoint")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     return p.parse_args(argv)
 
 
-def recalibrate(path, model, ckpt, data, capacity, device, dtype):
-    """Thresholds at a new capacity, split over the layers the way training split it
-    (router.CapacitySchedule), written into the checkpoint."""
+def thresholds_at(model, ckpt, data, capacity, device, dtype, attn_capacity=None):
+    """Thresholds that run mean capacity `capacity` of the routed parts (and, when training
+    gave attention a capacity of its own, `attn_capacity` of the attention parts: default
+    its trained one), split over the parts the way training split it (router.part_schedule),
+    calibrated on the run's calibration rows."""
     c = ckpt.train_config
-    if c["route"] == "none" or c["train_rule"] != "topk" or c.get("predictor"):
-        raise ValueError(f"{path}: only models routed with top-k have thresholds to calibrate")
-    if not 0 < capacity <= 1:
-        raise ValueError(f"--calibrate needs a capacity in (0, 1], got {capacity}")
-    schedule = CapacitySchedule(len(model.config.routed_ids()), capacity, capacity, split=c["capacity_split"])
+    if not model.config.route_slots() or c["train_rule"] != "topk" or c.get("predictor"):
+        raise ValueError("only models routed with top-k have thresholds to calibrate")
+    attn_capacity = c.get("attn_capacity_end", 0.0) if attn_capacity is None else attn_capacity
+    for name, value in (("capacity", capacity), ("attention capacity", attn_capacity or 1.0)):
+        if not 0 < value <= 1:
+            raise ValueError(f"the {name} must be in (0, 1], got {value}")
+    schedule = part_schedule(model.config.route_slots(), capacity, capacity, attn_capacity,
+                             split=c["capacity_split"])
     schedule.load_state_dict(ckpt.schedule)
     rows = data.val_rows(c["eval_rows"] + c["calib_rows"])[c["eval_rows"]:]
-    thresholds = calibrate(model, data, rows, schedule.capacities(0), device, dtype)
+    return calibrate(model, data, rows, schedule.capacities(0), device, dtype)
+
+
+def recalibrate(path, model, ckpt, data, capacity, device, dtype):
+    """thresholds_at `capacity`, written into the checkpoint."""
+    thresholds = thresholds_at(model, ckpt, data, capacity, device, dtype)
     weights.set_thresholds(path, thresholds)
     model.config.route_threshold = thresholds
-    print(f"{len(thresholds)} thresholds for mean capacity {capacity} on {len(rows)} held-out rows -> {path}")
+    print(f"{len(thresholds)} thresholds for mean capacity {capacity} -> {path}")
 
 
 def main(argv=None):
@@ -185,13 +206,19 @@ def main(argv=None):
     rows = data.val_rows(args.rows or c["eval_rows"])
     result = evaluate(model, data, rows, model.default_rule(), c["batch_size"], device, dtype)
     print(f"{'routers':>8}: loss {result['val_loss']:.4f} ± {result['val_se']:.4f} on {len(rows)} rows, "
-          f"{result['exec_frac_infer'] * model.config.n_layer:.2f} of {model.config.n_layer} layers run")
-    if args.controls and model.config.routed_ids():
-        for name, rule in controls(result).items():
+          f"{ran(result, model)}")
+    slots = model.config.route_slots()
+    if args.controls and slots:
+        for name, rule in controls(result, [part for _, part in slots]).items():
             other = evaluate(model, data, rows, rule, c["batch_size"], device, dtype)
             d, se = paired_difference(other, result)
-            print(f"{name:>8}: loss {other['val_loss']:.4f}, {d:+.4f} ± {se:.4f} vs the routers, "
-                  f"{other['exec_frac_infer'] * model.config.n_layer:.2f} layers run")
+            print(f"{name:>8}: loss {other['val_loss']:.4f}, {d:+.4f} ± {se:.4f} vs the routers, {ran(other, model)}")
+
+
+def ran(result, model):
+    """What an evaluation ran per token, as text: attentions and MLPs of n_layer."""
+    L = model.config.n_layer
+    return f"{result['attn_frac_infer'] * L:.2f} attentions and {result['mlp_frac_infer'] * L:.2f} MLPs of {L} run"
 
 
 if __name__ == "__main__":

@@ -22,8 +22,11 @@ from router import Router, Rule, Trace, add_selected, dlo_gate, layer_threshold,
 # positions per lm_head call in the loss: LOSS_CHUNK x vocab fp32 logits alive (805 MB for SmolLM2)
 LOSS_CHUNK = 4096
 # the config's choices; train.py's flags take theirs from here
-CHOICES = {"arch": ("llama", "gpt2"), "route": ("none", "mlp", "block"), "kv_policy": ("compute", "drop"),
-           "route_gate": ("dlo", "mod")}
+CHOICES = {"arch": ("llama", "gpt2"), "route": ("none", "mlp", "attn", "attn+mlp", "block"),
+           "kv_policy": ("compute", "drop"), "route_gate": ("dlo", "mod")}
+# what one router skips: a routed layer has one part ("mlp", "attn" or "block") or two
+# ("attn+mlp": attention and MLP each with its own router, as SkipGPT, arXiv 2506.04179)
+PARTS = {"mlp": ("mlp",), "attn": ("attn",), "attn+mlp": ("attn", "mlp"), "block": ("block",)}
 
 
 @dataclass
@@ -42,38 +45,52 @@ class GPTConfig:
     bias: bool = False
     # depth scaling and routing
     new_layers: tuple = ()            # indices of layers added by expansion (dlo.py)
-    route: str = "none"               # "none", "mlp" or "block"
-    routed_layers: tuple = ()         # which layers carry a router; () = all of them
+    route: str = "none"               # what the routers of routed_layers skip: "mlp", "attn", "attn+mlp", "block"
+    routed_layers: tuple = ()         # which layers carry route's routers; () = all of them
+    attn_routed_layers: tuple = ()    # other layers whose attention alone is routed
     route_gate: str = "dlo"           # "dlo": g(p) = 1 + gap (p - 0.5); "mod": the block output times p
     route_gap: float = 0.05
-    route_threshold: object = 0.5     # inference: run iff p >= this; or one (calibrated) per routed layer
-    route_sink_tokens: int = 0        # the first r positions of every row run every routed layer
+    route_threshold: object = 0.5     # inference: run iff p >= this; or one (calibrated) per routed part
+    route_sink_tokens: int = 0        # the first r positions of every row run every routed part
     route_predictor: bool = False     # MoD's auxiliary causal predictor decides at inference
-    kv_policy: str = "compute"        # whole-block skipping only: "compute" or "drop"
+    kv_policy: str = "compute"        # routed attention: skipped tokens still write K/V, or "drop" them
     frozen_layers: tuple = ()         # LLaMA Pro: originals get no gradient
 
     def __post_init__(self):
-        for name in ("new_layers", "routed_layers", "frozen_layers"):
+        for name in ("new_layers", "routed_layers", "attn_routed_layers", "frozen_layers"):
             setattr(self, name, tuple(getattr(self, name)))
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}: use {', '.join(allowed)}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must divide by n_head, and n_head by n_kv_head")
-        bad = [i for i in self.routed_layers + self.new_layers if not 0 <= i < self.n_layer]
+        bad = [i for i in self.routed_layers + self.attn_routed_layers + self.new_layers if not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(f"layer indices {bad} out of range for {self.n_layer} layers")
+        both = set(self.routed_ids()) & set(self.attn_routed_layers)
+        if both:
+            raise ValueError(f"layers {sorted(both)} are both in routed_layers and attn_routed_layers")
         if isinstance(self.route_threshold, (list, tuple)):
             self.route_threshold = tuple(float(t) for t in self.route_threshold)
-            if len(self.route_threshold) != len(self.routed_ids()):
-                raise ValueError(f"{len(self.route_threshold)} thresholds for {len(self.routed_ids())} routed layers")
+            if len(self.route_threshold) != len(self.route_slots()):
+                raise ValueError(f"{len(self.route_threshold)} thresholds for {len(self.route_slots())} routed parts")
 
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
 
     def routed_ids(self):
+        """The layers that carry `route`'s routers."""
         return () if self.route == "none" else self.routed_layers or tuple(range(self.n_layer))
+
+    def layer_route(self, i):
+        """What layer i's routers skip: route, "attn", or "" (a dense layer)."""
+        return self.route if i in self.routed_ids() else "attn" if i in self.attn_routed_layers else ""
+
+    def route_slots(self):
+        """Every routed part as (layer, part), in the order a forward pass meets them. One
+        threshold, capacity and router.Trace per slot."""
+        return tuple((i, part) for i in range(self.n_layer) for part in PARTS.get(self.layer_route(i), ()))
 
 
 class RMSNorm(nn.Module):
@@ -127,6 +144,12 @@ class KVCache(nn.Module):
         self.valid[:, input_pos] = write
         return self.k, self.v, self.valid
 
+    def update_rows(self, b, slot, k, v):  # only the tokens (b, slot) (N,) write: k/v (N, nkv, hs)
+        self.k[b, :, slot] = k.to(self.k.dtype)   # a slot starts invalid and is written once
+        self.v[b, :, slot] = v.to(self.v.dtype)
+        self.valid[b, slot] = True
+        return self.k, self.v, self.valid
+
 
 def attend(q, k, v, mask):
     """SDPA that keeps CUDA on its fast kernels. mask None: causal only, which the flash
@@ -141,6 +164,26 @@ def attend(q, k, v, mask):
         repeat = q.size(1) // k.size(1)
         k, v, gqa = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+
+
+def attend_rows(q, b, slot, k, v, key_valid):
+    """Attention for N query rows q (N, nh, hs) of batch rows b (N,) sitting at slots
+    `slot` (N,), over every valid, not later key of k, v (B, nkv, S, hs). The queries are
+    packed per batch row, (B, M) with M the most any row has. Returns (N, nh * hs)."""
+    B, (N, nh, hs) = k.size(0), q.shape
+    if B == 1:
+        m, packed, q_slot = torch.arange(N, device=q.device), q[None], slot[None]
+    else:
+        counts = torch.bincount(b, minlength=B)
+        m = torch.arange(N, device=q.device) - (counts.cumsum(0) - counts)[b]   # index within its row
+        M = int(counts.max())
+        packed = q.new_zeros(B, M, nh, hs).index_put((b, m), q)
+        q_slot = torch.full((B, M), -1, dtype=torch.long, device=q.device).index_put((b, m), slot)
+    key_slot = torch.arange(k.size(2), device=q.device)
+    mask = (key_slot <= q_slot[..., None]) & key_valid[:, None, :]        # (B, M, S)
+    mask = mask | (q_slot < 0)[..., None]                                  # padding queries: unread
+    y = attend(packed.transpose(1, 2), k, v, mask)                          # (B, nh, M, hs)
+    return y.transpose(1, 2)[b, m].reshape(N, nh * hs)
 
 
 class Attention(nn.Module):
@@ -158,6 +201,10 @@ class Attention(nn.Module):
         t = t.view(B, T, n, self.head_dim).transpose(1, 2)
         return t if rope is None else apply_rope(t, *rope)
 
+    def rows(self, t, n, rope):    # (N, n * hs) -> (N, n, hs), rotated by each row's own angles (N, hs)
+        t = t.view(t.size(0), n, self.head_dim)
+        return t if rope is None else apply_rope(t, rope[0][:, None], rope[1][:, None])
+
     def store(self, k, v, input_pos, write):
         """Caches the chunk's K/V when decoding (input_pos given); returns every key and value
         this chunk may attend to, with their validity."""
@@ -165,12 +212,15 @@ class Attention(nn.Module):
             return k, v, write
         return self.kv_cache.update(input_pos, k, v, write)
 
-    def project_kv(self, x, rope, input_pos, write):
-        """K/V alone, for tokens that skip the block but still write the cache ("compute")."""
-        q_rows = self.sizes[0]
-        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[q_rows:]
-        k, v = F.linear(x, self.qkv_proj.weight[q_rows:], bias).split(self.sizes[1:], dim=-1)
-        return self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head, None), input_pos, write)
+    def store_rows(self, k, v, b, t, input_pos, shape):
+        """store for the rows (b, t) alone, k/v (N, nkv, hs): the other tokens write nothing."""
+        if input_pos is not None:
+            return self.kv_cache.update_rows(b, input_pos[t], k, v)
+        keys, values = (r.new_zeros(shape[0], self.n_kv_head, shape[1], self.head_dim) for r in (k, v))
+        keys[b, :, t], values[b, :, t] = k, v
+        written = torch.zeros(shape, dtype=torch.bool, device=k.device)
+        written[b, t] = True
+        return keys, values, written
 
     def forward(self, x, rope, input_pos, write, causal_only):
         """write (B, T): which tokens of x store K/V that others may attend to.
@@ -190,6 +240,36 @@ class Attention(nn.Module):
             mask = (causal & key_valid[:, None, :]) | (key_pos[None, :] == query_pos[:, None])
         y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def routed(self, x, norm, rope, input_pos, valid, drop):
+        """Routed attention, x (B, T, C) the block input and norm its input norm. Returns
+        rows(idx): the attention output (N, C) of the flat token indices idx, the queries
+        that run. Under "compute" every real token writes K/V first (one matmul, also when
+        no query runs); under "drop" only the queries write theirs, and the other tokens
+        cost nothing: no norm, no projection, no cache slot anyone attends to."""
+        B, T, C = x.shape
+        flat, q_size = x.reshape(B * T, C), self.sizes[0]
+        w, bias = self.qkv_proj.weight, self.qkv_proj.bias
+        angles = None if rope is None else [r.reshape(B * T, -1) for r in rope]     # (B * T, hs) each
+        if not drop:
+            normed = norm(x)
+            k, v = F.linear(normed, w[q_size:], None if bias is None else bias[q_size:]).split(self.sizes[1:], -1)
+            keys = self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head, None),
+                              input_pos, valid)
+
+        def rows(idx):
+            b, t = idx // T, idx % T
+            at = None if angles is None else (angles[0][idx], angles[1][idx])
+            if drop:
+                q, k, v = F.linear(norm(flat[idx]), w, bias).split(self.sizes, -1)
+                k, v, key_valid = self.store_rows(self.rows(k, self.n_kv_head, at), self.rows(v, self.n_kv_head, None),
+                                                  b, t, input_pos, (B, T))
+            else:
+                q = F.linear(normed.reshape(B * T, C)[idx], w[:q_size], None if bias is None else bias[:q_size])
+                k, v, key_valid = keys
+            slot = t if input_pos is None else input_pos[t]
+            return self.o_proj(attend_rows(self.rows(q, self.n_head, at), b, slot, k, v, key_valid))
+        return rows
 
 
 class MLP(nn.Module):
@@ -221,44 +301,91 @@ class Context:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, routed, index=0):
+    """A pre-norm Llama block. Its kind (GPTConfig.layer_route) says what its routers skip:
+    "" nothing, "mlp" (DLO's "ExAttn": attention runs for every token), "attn", "attn+mlp"
+    (two routers, each part decided on its own) or "block" (attention and MLP together).
+    `router` decides the MLP or the whole block, `attn_router` the attention."""
+
+    def __init__(self, cfg, index=0):
         super().__init__()
-        self.cfg, self.index = cfg, index
+        self.cfg, self.index, self.kind = cfg, index, cfg.layer_route(index)
         self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.router = Router(cfg.n_embd, predictor=cfg.route_predictor) if routed else None
+        parts = PARTS.get(self.kind, ())
+        self.router = Router(cfg.n_embd, cfg.route_predictor) if {"mlp", "block"} & set(parts) else None
+        self.attn_router = Router(cfg.n_embd, cfg.route_predictor) if "attn" in parts else None
 
-    def attention(self, x, ctx, write=None):
-        drop = write is not None   # whole-block skipping under `drop`: some keys are missing
-        write = ctx.valid if write is None else write
-        return self.self_attn(self.input_layernorm(x), ctx.rope, ctx.input_pos, write, ctx.causal_only and not drop)
+    def routers(self):
+        return [r for r in (self.attn_router, self.router) if r is not None]
+
+    def attention(self, x, ctx):
+        return self.self_attn(self.input_layernorm(x), ctx.rope, ctx.input_pos, ctx.valid, ctx.causal_only)
 
     def forward(self, x, ctx, slot):
-        """Returns the block output and, for a routed block, its Trace (router.py)."""
-        if self.router is None:
-            h = x + self.attention(x, ctx)
-            return h + self.mlp(self.post_attention_layernorm(h)), None
-        if self.fusable(x, ctx.rule):
+        """Returns the block output and the router.Trace of each routed part, in slot order."""
+        if self.kind == "block":
+            out, trace = self.route(self.router, "block", x, x, ctx, slot, self.block_rows)
+            return out, [trace]
+        if self.kind == "mlp" and self.fusable(x, ctx.rule):
             return self.mlp_routed_fused(x, ctx, layer_threshold(ctx.rule, slot))
-        logit = self.router(x)
-        pred = self.router.predict(x) if self.router.predictor is not None else None
+        traces = []
+        if self.attn_router is not None:
+            h, trace = self.route(self.attn_router, "attn", x, x, ctx, slot, self.attn_rows)
+            traces.append(trace)
+        else:
+            h = x + self.attention(x, ctx)
+        if self.router is None:
+            return h + self.mlp(self.post_attention_layernorm(h)), traces
+        # DLO's router reads the block input (arXiv 2407.11030, section 3.2); when the
+        # attention is routed too, the MLP's router reads the MLP's own input, as SkipGPT's
+        reads = x if self.kind == "mlp" else h
+        out, trace = self.route(self.router, "mlp", reads, h, ctx, slot + len(traces), self.mlp_rows)
+        return out, traces + [trace]
+
+    def route(self, router, part, reads, base, ctx, slot, rows_for):
+        """One routed part: decide from `reads`, then base + gate * branch on the selected
+        tokens; rows_for(base, ctx, sel) gives the branch for rows of the flat tokens."""
+        logit = router(reads)
+        pred = router.predict(reads) if router.predictor is not None else None
         sel = select(pred if ctx.rule.use_predictor else logit, ctx.routable, ctx.valid, ctx.rule, slot)
         p = torch.sigmoid(logit)
         gate = p if self.cfg.route_gate == "mod" else dlo_gate(p, self.cfg.route_gap)
-        routed = self.mlp_routed if self.cfg.route == "mlp" else self.block_routed
-        out, sim = routed(x, ctx, sel, gate)
-        return out, Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim, pred)
+        out, sim = add_selected(base, sel, gate, rows_for(base, ctx, sel), ctx.rule.similarity)
+        return out, Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim, pred, part)
+
+    def mlp_rows(self, h, ctx, sel):
+        flat = h.reshape(-1, h.size(-1))
+        return lambda idx: self.mlp(self.post_attention_layernorm(flat[idx]))
+
+    def attn_rows(self, x, ctx, sel):
+        """The attention branch. The selected tokens' rows run alone (Attention.routed); the
+        labels' dense pass runs every token as a query, each attending to the tokens that
+        wrote K/V (under "drop", the selected ones) and to itself."""
+        drop = self.cfg.kv_policy == "drop"
+        if ctx.rule.similarity:
+            a = self.self_attn(self.input_layernorm(x), ctx.rope, ctx.input_pos, sel if drop else ctx.valid,
+                               ctx.causal_only and not drop)
+            return lambda idx: a.reshape(-1, a.size(-1))[idx]
+        return self.self_attn.routed(x, self.input_layernorm, ctx.rope, ctx.input_pos, ctx.valid, drop)
+
+    def block_rows(self, x, ctx, sel):
+        attn, flat = self.attn_rows(x, ctx, sel), x.reshape(-1, x.size(-1))
+
+        def rows(idx):
+            a = attn(idx)
+            return a + self.mlp(self.post_attention_layernorm(flat[idx] + a))
+        return rows
 
     def fusable(self, x, rule):
         """The Triton path (kernels.py): DLO's MLP routing at inference, no autograd."""
-        return (self.cfg.route == "mlp" and rule.kind == "threshold" and not rule.similarity
-                and not rule.use_predictor and self.cfg.route_gate == "dlo" and self.cfg.arch == "llama"
+        return (rule.kind == "threshold" and not rule.similarity and not rule.use_predictor
+                and self.cfg.route_gate == "dlo" and self.cfg.arch == "llama"
                 and kernels.use_triton(x, self.router.weight, self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight))
 
     def mlp_routed_fused(self, x, ctx, threshold):
-        """mlp_routed through kernels.routed_mlp: gather-and-scatter at prefill, a decision
+        """The routed MLP through kernels.routed_mlp: gather-and-scatter at prefill, a decision
         read on the device at decode, so no routed layer waits on the host there."""
         h = x + self.attention(x, ctx)
         B, T, C = h.shape
@@ -266,25 +393,8 @@ class Block(nn.Module):
         out, p, sel = kernels.routed_mlp(x.reshape(-1, C), h.reshape(-1, C), self.router.weight,
                                          self.post_attention_layernorm, self.mlp, threshold,
                                          ctx.routable.flatten(), sinks.flatten(), self.cfg.route_gap, decode=T == 1)
-        return out.view_as(h), Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable)
-
-    def mlp_rows(self, h):
-        return lambda idx: self.mlp(self.post_attention_layernorm(h.reshape(-1, h.size(-1))[idx]))
-
-    def mlp_routed(self, x, ctx, sel, gate):
-        # DLO "ExAttn": attention runs for every token, only the MLP is routed
-        h = x + self.attention(x, ctx)
-        return add_selected(h, sel, gate, self.mlp_rows(h), ctx.rule.similarity)
-
-    def block_routed(self, x, ctx, sel, gate):
-        drop = self.cfg.kv_policy == "drop"
-        if not ctx.rule.similarity and not sel.any():
-            if not drop and ctx.input_pos is not None:   # keep the context complete
-                self.self_attn.project_kv(self.input_layernorm(x), ctx.rope, ctx.input_pos, ctx.valid)
-            return x, None
-        a = self.attention(x, ctx, ctx.valid & sel if drop else None)
-        mlp = self.mlp_rows(x + a)
-        return add_selected(x, sel, gate, lambda idx: a.reshape(-1, a.size(-1))[idx] + mlp(idx), ctx.rule.similarity)
+        trace = Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable, part="mlp")
+        return out.view_as(h), [trace]
 
 
 class GPT(nn.Module):
@@ -294,14 +404,14 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.arch == "gpt2":
             self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.layers = nn.ModuleList(Block(cfg, i in cfg.routed_ids(), i) for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
         self.apply_freezing()
-        self.route_trace = []   # router.Trace per routed layer of the last forward
+        self.route_trace = []   # router.Trace per routed part of the last forward
 
     @staticmethod
     def _init_weights(module):
@@ -319,7 +429,7 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             layer = int(name.split(".")[1]) if name.startswith("layers.") else None
             if frozen and (layer is None or layer in frozen):
-                param.requires_grad_(".router." in name)
+                param.requires_grad_(layer is not None and name.split(".")[2] in ("router", "attn_router"))
 
     def default_rule(self):
         """The inference rule: p >= route_threshold (per layer once calibrated), or MoD's predictor."""
@@ -350,9 +460,8 @@ class GPT(nn.Module):
         ctx = Context(rope, valid, routable, input_pos, rule or self.default_rule(), causal_only=input_pos is None)
         self.route_trace = []
         for layer in self.layers:
-            x, trace = layer(x, ctx, len(self.route_trace))
-            if trace is not None:
-                self.route_trace.append(trace)
+            x, traces = layer(x, ctx, len(self.route_trace))
+            self.route_trace += traces
         x = self.norm(x)
         if targets is not None:
             return None, self.lm_loss(x, targets, reduction)
@@ -387,19 +496,19 @@ class GPT(nn.Module):
         mlp = 2 * cfg.n_embd * cfg.intermediate_size * (3 if cfg.arch == "llama" else 2)
         return attn, mlp, kv_proj
 
-    def flops_per_token(self, executed=None, context=1024):
-        """Estimated forward FLOPs per token. executed: per layer, the fraction of tokens that
-        ran the routed part (None = dense). Embedding lookups are free; the LM head is not."""
+    def flops_per_token(self, attn=None, mlp=None, context=1024):
+        """Estimated forward FLOPs per token. attn, mlp: per layer, the fraction of tokens
+        that ran its attention and its MLP (None = all). A skipped attention still projects
+        K/V under "compute". Embedding lookups are free; the LM head is not."""
         cfg = self.config
-        attn, mlp, kv_proj = self.layer_flops(context)
-        skipped = kv_proj if cfg.kv_policy == "compute" else 0   # a skipped block's cost
-        per_layer = [e * (attn + mlp) + (1 - e) * skipped if cfg.route == "block" else attn + e * mlp
-                     for e in ([1.0] * cfg.n_layer if executed is None else executed)]
-        return 2 * cfg.n_embd * cfg.vocab_size + sum(per_layer)
+        a, m, kv_proj = self.layer_flops(context)
+        skipped = kv_proj if cfg.kv_policy == "compute" else 0
+        attn, mlp = attn or [1.0] * cfg.n_layer, mlp or [1.0] * cfg.n_layer
+        return 2 * cfg.n_embd * cfg.vocab_size + sum(fa * a + (1 - fa) * skipped + fm * m for fa, fm in zip(attn, mlp))
 
-    def kv_bytes_per_token(self, executed=None):
-        """K/V bytes stored per token: under `drop`, a layer stores only tokens that ran it."""
+    def kv_bytes_per_token(self, attn=None):
+        """K/V bytes stored per token: under "drop", a layer stores only the tokens that ran
+        its attention (attn: per layer, their fraction)."""
         cfg = self.config
         per_layer = 2 * cfg.n_kv_head * cfg.head_dim * self.embed_tokens.weight.element_size()
-        drop = cfg.route == "block" and cfg.kv_policy == "drop" and executed is not None
-        return per_layer * (sum(executed) if drop else cfg.n_layer)
+        return per_layer * (sum(attn) if cfg.kv_policy == "drop" and attn is not None else cfg.n_layer)

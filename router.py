@@ -71,7 +71,7 @@ def dlo_gate(p, gap=0.05):
     return 1.0 + gap * (p - 0.5)
 
 
-RULES = ("topk", "threshold", "all", "mask")
+RULES = ("topk", "threshold", "all", "mask", "random", "static")
 
 
 @dataclass
@@ -81,10 +81,13 @@ class Rule:
     kind: "topk" keeps ceil(c_l * N) tokens per layer among the N routable tokens of
           the batch (non-causal, training only); "threshold" runs a token iff
           p >= threshold (causal, usable with the KV cache); "all" runs every token;
-          "mask" runs exactly `masks[slot]` (the label oracle, the random control).
-    capacity: (n_routed,) tensor, only for "topk". A tensor, not floats, so a
-          compiled step does not recompile when the capacities move.
-    threshold: a float, or one per routed layer (calibrated; see calibrate_thresholds).
+          "mask" runs exactly `masks[slot]` (the label oracle); "random" runs each
+          token with probability capacity[slot] (the random control); "static" runs
+          every token of the parts with capacity[slot] = 1 and none of the others
+          (static pruning). The last two are causal, so they decode with the cache too.
+    capacity: (n_routed,) tensor, for "topk", "random" and "static". A tensor, not
+          floats, so a compiled step does not recompile when the capacities move.
+    threshold: a float, or one per routed part (calibrated; see thresholds_from_topk).
     similarity: also compute cos(before, after) per token for the label rules; this
           runs the routed branch densely, since every token needs it.
     """
@@ -94,11 +97,12 @@ class Rule:
     masks: list = field(default_factory=list)
     similarity: bool = False
     use_predictor: bool = False  # MoD decoding: decide with the auxiliary predictor
+    generator: Optional[torch.Generator] = None   # "random": its draws, on the CPU
 
 
 @dataclass
 class Trace:
-    """What one routed layer did in the last forward pass; all (B, T)."""
+    """What one routed part did in the last forward pass; all (B, T)."""
     layer: int
     logit: torch.Tensor                   # router logit, fp32
     sel: torch.Tensor                     # did the routed part run (sinks and dense tokens: True)
@@ -106,6 +110,7 @@ class Trace:
     routable: torch.Tensor                # real and not a sink: what the router decides
     sim: Optional[torch.Tensor] = None    # cos(before, after), for the labels
     pred_logit: Optional[torch.Tensor] = None   # MoD's causal predictor
+    part: str = "mlp"                     # what was skipped: "mlp", "attn" or "block" (both)
 
     @property
     def p(self):
@@ -156,6 +161,11 @@ def select(logit, routable, valid, rule, slot):
         sel = select_topk(logit, routable, rule.capacity[slot])
     elif rule.kind == "mask":
         sel = rule.masks[slot] & routable
+    elif rule.kind == "random":
+        draw = torch.rand(routable.shape, generator=rule.generator).to(routable.device)
+        sel = (draw < rule.capacity[slot]) & routable
+    elif rule.kind == "static":
+        sel = routable & (rule.capacity[slot] >= 1)
     else:
         raise ValueError(f"unknown routing rule {rule.kind!r}: use {', '.join(RULES)}")
     return sel | (valid & ~routable)
@@ -206,19 +216,28 @@ def lowest_first(sim, routable, k):
     return torch.where(whole_group_fits, at_or_below, (sim < cut) & routable) & (k > 0)
 
 
-def similarity_labels(traces, mode, capacity, ties="skip"):
-    """Labels (1 = should run) per routed layer at `capacity`, and each layer's label
+def similarity_labels(traces, mode, capacity, ties="skip", groups=None):
+    """Labels (1 = should run) per routed part at `capacity`, and each part's label
     fraction (n_routed,) over its routable tokens.
-    "cos": per layer, the ceil(c * N) least-similar tokens get 1.
-    "cos-global": one cut over all layers and tokens, so a fraction c of all pairs gets
-        1; the layers get different fractions (DLO section 3.3).
-    ties="run" keeps ties at the cut as 1 (DLO's official code)."""
+    "cos": per part, the ceil(c * N) least-similar tokens get 1.
+    "cos-global": one cut over all parts and tokens, so a fraction c of all pairs gets
+        1; the parts get different fractions (DLO section 3.3).
+    groups: each part's capacity group, capacity then one per group: the cut is made
+    within each group. ties="run" keeps ties at the cut as 1 (DLO's official code)."""
     cut = lowest_first if ties == "skip" else keep_ties
+    groups = groups or [0] * len(traces)
+    caps = capacity if isinstance(capacity, (list, tuple)) else [capacity] * (max(groups) + 1)
+    labels = [None] * len(traces)
     if mode == "cos":
-        labels = [cut(t.sim, t.routable, count_k(capacity, t.routable.sum())) for t in traces]
+        for i, t in enumerate(traces):
+            labels[i] = cut(t.sim, t.routable, count_k(caps[groups[i]], t.routable.sum()))
     elif mode == "cos-global":
-        sims, routable = torch.stack([t.sim for t in traces]), torch.stack([t.routable for t in traces])
-        labels = list(cut(sims, routable, count_k(capacity, routable.sum())))
+        for g in sorted(set(groups)):
+            members = [i for i, group in enumerate(groups) if group == g]
+            sims = torch.stack([traces[i].sim for i in members])
+            routable = torch.stack([traces[i].routable for i in members])
+            for i, label in zip(members, cut(sims, routable, count_k(caps[g], routable.sum()))):
+                labels[i] = label
     else:
         raise ValueError(f"unknown label mode {mode!r}: use cos, cos-global or self")
     return labels, label_fractions(labels, traces)
@@ -236,11 +255,11 @@ def label_fractions(labels, traces):
 LABELS = ("cos", "cos-global", "self")   # train.py adds "none": no router loss
 
 
-def make_labels(traces, mode, capacity, ties="skip"):
-    """Labels for the router loss, and the per-layer label fractions (None for `self`)."""
+def make_labels(traces, mode, capacity, ties="skip", groups=None):
+    """Labels for the router loss, and the per-part label fractions (None for `self`)."""
     if mode == "self":   # MoD's auxiliary loss: the router's own top-k decision
         return [t.sel & t.routable for t in traces], None
-    return similarity_labels(traces, mode, capacity, ties)
+    return similarity_labels(traces, mode, capacity, ties, groups)
 
 
 # ---- the router loss -----------------------------------------------------------------
@@ -256,7 +275,7 @@ def bce_sum(logits, labels, traces):
 
 
 def router_loss(traces, labels, n_route, lam=1.0, predictor=False):
-    """DLO eq. 5: lam * BCE(p, label) summed over routed layers x routable tokens and
+    """DLO eq. 5: lam * BCE(p, label) summed over routed parts x routable tokens and
     divided by n_route, the count over the *global* batch, so accumulated micro-batches
     add up to one big batch exactly as the LM loss does. With MoD's predictor, its BCE
     against the (non-causal) top-k decision is added the same way."""
@@ -283,19 +302,28 @@ def router_agreement(traces, labels):
 
 
 def executed_fraction(traces, n_layer, n_valid):
-    """Mean over all n_layer layers of the fraction of real tokens that ran the layer's
-    routed part; unrouted layers and sinks count as run. Training and evaluation use this
-    same denominator."""
-    ran = sum((t.sel & t.valid).sum() for t in traces)
-    return (n_layer - len(traces) + ran / max(n_valid, 1)) / n_layer
+    """(attention, MLP): the fraction of all n_layer attentions and of all n_layer MLPs
+    that ran, per real token; unrouted parts and sink tokens count as run. A skipped
+    block skips both. Training and evaluation use this same denominator."""
+    total = n_layer * max(n_valid, 1)
+    skipped = {"attn": 0, "mlp": 0}
+    for t in traces:
+        for part in PART_SKIPS[t.part]:
+            skipped[part] = skipped[part] + (t.valid & ~t.sel).sum()
+    return tuple(float(n_layer * n_valid - skipped[part]) / total for part in ("attn", "mlp"))
+
+
+PART_SKIPS = {"mlp": ("mlp",), "attn": ("attn",), "block": ("attn", "mlp")}
 
 
 def executed_map(traces, n_layer):
-    """(B, T, n_layer) bool from one forward's traces: did the routed part of the layer run?"""
+    """(B, T, n_layer, 2) bool from one forward's traces: did the layer's attention
+    ([..., 0]) and its MLP ([..., 1]) run?"""
     ref = traces[0].valid
-    ran = torch.ones(*ref.shape, n_layer, dtype=torch.bool, device=ref.device)
+    ran = torch.ones(*ref.shape, n_layer, 2, dtype=torch.bool, device=ref.device)
     for t in traces:
-        ran[..., t.layer] = t.sel
+        for part in PART_SKIPS[t.part]:
+            ran[..., t.layer, ("attn", "mlp").index(part)] = t.sel
     return ran
 
 
@@ -305,39 +333,46 @@ SPLITS = ("labels", "rescale")
 
 
 class CapacitySchedule:
-    """Global capacity c_bar(step), and one capacity per routed layer.
+    """Global capacity c_bar(step), and one capacity per routed part.
 
     c_bar: `start` for the first `warmup` steps (1.0: nothing skipped while the routers
     learn the labels), linear to `end` over the next `anneal` steps, then `end`. DLO
     anneals 1.0 -> 0.9 over 1,000 steps (arXiv 2407.11030, section 4.1).
 
-    Per-layer capacities, split="labels" (default): the labels are computed at the end
-    capacity from step 0, and their per-layer fractions f_l (an exponential moving
-    average) say where skipping belongs. Layer l gets c_l = 1 - a * (1 - f_l), with a
+    Per-part capacities, split="labels" (default): the labels are computed at the end
+    capacity from step 0, and their per-part fractions f_l (an exponential moving
+    average) say where skipping belongs. Part l gets c_l = 1 - a * (1 - f_l), with a
     chosen so the mean is c_bar: capacity is taken only where the labels put it, and a
-    layer whose labels say "run every token" keeps c_l = 1. (Below the labels' own mean,
-    as calibrate.py may ask for, c_l = f_l * c_bar / mean f.)
+    part whose labels say "run every token" keeps c_l = 1. (Below the labels' own mean,
+    as evaluate.py --calibrate may ask for, c_l = f_l * c_bar / mean f.)
     split="rescale" is DLO's official code: labels at the current c_bar, then every
     c_l = f_l * c_bar(next) / mean f, which also lowers layers labelled "run all".
+
+    groups: each part's capacity group (default: one group), and `end` one capacity per
+    group: e.g. inserted blocks at 0.3 and the original layers' attention at 0.8. Each
+    group anneals to its own end, and its labels and split stay among its own parts.
     """
 
-    def __init__(self, n_layers, start=1.0, end=0.9, warmup=0, anneal=1000, split="labels", momentum=0.9):
-        self.n_layers, self.start, self.end, self.warmup, self.anneal = n_layers, start, end, warmup, anneal
+    def __init__(self, n_layers, start=1.0, end=0.9, warmup=0, anneal=1000, split="labels", momentum=0.9,
+                 groups=None):
+        self.n_layers, self.start, self.warmup, self.anneal = n_layers, start, warmup, anneal
+        self.groups = list(groups) if groups is not None else [0] * n_layers
+        self.ends = list(end) if isinstance(end, (list, tuple)) else [end] * (max(self.groups, default=0) + 1)
         self.split, self.momentum = split, momentum
         self.label_frac = None   # (n_layers,) float64, on the CPU
 
-    def global_capacity(self, step):
+    def global_capacity(self, step, group=0):
         if step < self.warmup:
             return self.start
         progress = 1.0 if self.anneal <= 0 else min(1.0, (step - self.warmup) / self.anneal)
-        return self.start + (self.end - self.start) * progress
+        return self.start + (self.ends[group] - self.start) * progress
 
     def label_capacity(self, step):
-        """The capacity the labels are computed at."""
-        return self.end if self.split == "labels" else self.global_capacity(step)
+        """The capacity each group's labels are computed at."""
+        return [end if self.split == "labels" else self.global_capacity(step, g) for g, end in enumerate(self.ends)]
 
     def update(self, label_frac):
-        """Fold one step's per-layer label fractions into the running estimate."""
+        """Fold one step's per-part label fractions into the running estimate."""
         f = label_frac.detach().double().cpu()
         if self.split == "rescale" or self.label_frac is None:
             self.label_frac = f
@@ -345,11 +380,17 @@ class CapacitySchedule:
             self.label_frac = self.momentum * self.label_frac + (1 - self.momentum) * f
 
     def capacities(self, step):
-        """(n_layers,) float64 per-layer capacities for this step's top-k."""
-        c_bar = self.global_capacity(step)
-        f = self.label_frac
+        """(n_layers,) float64 per-part capacities for this step's top-k."""
+        caps = torch.empty(self.n_layers, dtype=torch.float64)
+        for g in sorted(set(self.groups)):
+            members = torch.tensor([i for i, group in enumerate(self.groups) if group == g], dtype=torch.long)
+            f = None if self.label_frac is None else self.label_frac[members]
+            caps[members] = self.split_capacity(self.global_capacity(step, g), f, len(members))
+        return caps
+
+    def split_capacity(self, c_bar, f, n):
         if f is None or float(f.mean()) >= 1.0:
-            return torch.full((self.n_layers,), c_bar, dtype=torch.float64)
+            return torch.full((n,), c_bar, dtype=torch.float64)
         if self.split == "rescale" or c_bar < float(f.mean()):   # below the labels' own capacity: scale them
             return (f * c_bar / f.mean()).clamp(0.0, 1.0)
         a = (1.0 - c_bar) / float(1.0 - f.mean())
@@ -363,6 +404,14 @@ class CapacitySchedule:
         self.label_frac = None if f is None else torch.tensor(f, dtype=torch.float64)
 
 
+def part_schedule(slots, start, end, attn_end=0.0, **options):
+    """The CapacitySchedule of routed parts `slots` ((layer, part) pairs): one group at
+    `end`, or, with attn_end > 0, the attention parts in a group of their own at attn_end."""
+    apart = attn_end > 0 and any(part == "attn" for _, part in slots)
+    groups = [int(apart and part == "attn") for _, part in slots]
+    return CapacitySchedule(len(slots), start, [end, attn_end] if apart else end, groups=groups, **options)
+
+
 def dynamic_lr_scales(caps):
     """DLO's "dynamic LR" (section 3.4): layer l's LR is multiplied by c_l + (1 - mean c),
     which follows each layer's capacity while keeping the mean multiplier at 1."""
@@ -372,9 +421,9 @@ def dynamic_lr_scales(caps):
 
 
 def thresholds_from_topk(traces):
-    """Per routed layer, the smallest p that top-k selected among routable tokens: the
+    """Per routed part, the smallest p that top-k selected among routable tokens: the
     threshold rule `p >= t` then reproduces the top-k decisions exactly on these rows.
-    A layer that selected nothing gets +inf (never runs)."""
+    A part that selected nothing gets +inf (never runs)."""
     out = []
     for t in traces:
         chosen = t.p.masked_fill(~(t.sel & t.routable), math.inf)

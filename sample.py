@@ -88,8 +88,8 @@ def kv_caches(model, batch_size, max_seq):
 
 def prefill(model, batch, rule):
     """The whole prompt in one forward, writing cache slots 0..P-1. Returns the last
-    position's logits (B, V) and, for a routed model, the layers each prompt token ran
-    (B, P, n_layer)."""
+    position's logits (B, V) and, for a routed model, the attentions and MLPs each prompt
+    token ran (B, P, n_layer, 2)."""
     P = batch.idx.size(1)
     logits, _ = model(batch.idx, input_pos=torch.arange(P, device=batch.idx.device), positions=batch.positions,
                       valid=batch.valid, rule=rule, last_only=True)
@@ -98,9 +98,9 @@ def prefill(model, batch, rule):
 
 def decode_one_token(model, token, slot, position, alive, rule):
     """One token per row (B,) at cache slot `slot` (1,), RoPE `position` (B, 1); rows that
-    already stopped are padding. Returns the next logits (B, V) and the layers run
-    (B, n_layer). Every argument is a tensor of fixed shape, so the compiled step is
-    traced once and replayed for every token."""
+    already stopped are padding. Returns the next logits (B, V) and the attentions and
+    MLPs run (B, n_layer, 2). Every argument is a tensor of fixed shape, so the compiled
+    step is traced once and replayed for every token."""
     logits, _ = model(token[:, None], input_pos=slot, positions=position, valid=alive[:, None], rule=rule)
     ran = executed_map(model.route_trace, model.config.n_layer)[:, -1] if model.route_trace else None
     return logits[:, -1], ran
@@ -116,8 +116,8 @@ compiled_decode_one_token = torch.compile(decode_one_token, mode="reduce-overhea
 class Step:
     token: torch.Tensor                          # (B,) the sampled token
     done: torch.Tensor                           # (B,) rows that had stopped before this step
-    ran: Optional[torch.Tensor]                  # (B, n_layer) layers run by the forward that produced it
-    prompt_ran: Optional[torch.Tensor] = None    # (B, P, n_layer) the prompt's, on the first step only
+    ran: Optional[torch.Tensor]                  # (B, n_layer, 2) attentions and MLPs run by its forward
+    prompt_ran: Optional[torch.Tensor] = None    # (B, P, n_layer, 2) the prompt's, on the first step only
     prompt_valid: Optional[torch.Tensor] = None  # (B, P) which prompt positions are real
 
 
@@ -190,7 +190,7 @@ def parse_args(argv=None):
     p.add_argument("--system", default=None, help="system message in chat mode (default: the model's)")
     p.add_argument("--num_samples", type=int, default=1, help="how many completions")
     p.add_argument("--max_new_tokens", type=int, default=128, help="new tokens per sample")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest tokens (0 = no limit)")
     p.add_argument("--top_p", type=float, default=1.0, help="sample within this much probability mass (1 = all)")
     p.add_argument("--seed", type=int, default=1337)
@@ -203,35 +203,68 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1 or (args.top_k is not None and args.top_k < 0):
         p.error("--top_p must be in (0, 1] and --top_k >= 0")
+    if not args.temperature >= 0 or not math.isfinite(args.temperature):
+        p.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        p.error("--num_samples and --max_new_tokens must be >= 1")
     return args
 
 
-def colour(text, depth, n_layer, tty):
+def depth_of(row):
+    """(attentions run, MLPs run) of one token's (n_layer, 2) map."""
+    return int(row[:, 0].sum()), int(row[:, 1].sum())
+
+
+def depth_text(row, what):
+    """A token's depth as the depth view writes it: the count of what is routed ("attn",
+    "mlp" or both); a skipped block counts in both, so it shows as one number."""
+    attn, mlp = depth_of(row)
+    return f"a{attn} m{mlp}" if what == "both" else str(attn if what == "attn" else mlp)
+
+
+def routed_parts(cfg):
+    """What the depth view counts: "attn" or "mlp" when only that part is ever skipped,
+    "both" when attention and MLPs are routed apart, "mlp" for whole blocks (equal counts)."""
+    kinds = {cfg.layer_route(i) for i in range(cfg.n_layer)} - {""}
+    if kinds <= {"mlp", "block"}:
+        return "mlp"
+    return "attn" if kinds == {"attn"} else "both"
+
+
+def colour(text, row, what, tty):
     """Blue (shallow) to red (full depth) on a terminal; plain brackets elsewhere."""
     if not tty:
-        return f"[{text}|{depth}]"
-    shade = round(5 * depth / n_layer)
+        return f"[{text}|{depth_text(row, what)}]"
+    shade = round(5 * float(row.float().mean()))
     return f"\x1b[38;5;{16 + 36 * shade + (5 - shade)}m{text}\x1b[0m"
 
 
-def write_depth_html(path, pieces, ran, n_layer):
-    """A self-contained page: the text coloured by depth, then a token x layer grid."""
-    cells = []
+CELL = {(True, True): "b", (True, False): "a", (False, True): "m", (False, False): "s"}
+
+
+def write_depth_html(path, pieces, ran, cfg):
+    """A self-contained page: the text coloured by depth, then a token x layer grid in
+    which each cell tells whether the layer's attention and MLP ran; inserted layers are
+    marked in the header."""
+    what, rows = routed_parts(cfg), []
     for piece, row in zip(pieces, ran):
-        tds = "".join(f'<td class="{"r" if r else "s"}"></td>' for r in row)
-        cells.append(f"<tr><th>{html.escape(repr(piece)[1:-1])}</th><td>{sum(row)}</td>{tds}</tr>")
-    text = "".join(f'<span style="background:hsl({240 - 240 * sum(r) / n_layer:.0f},80%,80%)" '
-                   f'title="{sum(r)} layers">{html.escape(p)}</span>' for p, r in zip(pieces, ran))
-    head = "".join(f"<th>{i}</th>" for i in range(n_layer))
+        tds = "".join(f'<td class="{CELL[bool(a), bool(m)]}"></td>' for a, m in row.tolist())
+        rows.append(f"<tr><th>{html.escape(repr(piece)[1:-1])}</th><td>{depth_text(row, what)}</td>{tds}</tr>")
+    text = "".join(f'<span style="background:hsl({240 - 240 * float(r.float().mean()):.0f},80%,80%)" '
+                   f'title="{depth_text(r, what)}">{html.escape(p)}</span>' for p, r in zip(pieces, ran))
+    head = "".join(f'<th class="{"new" if i in cfg.new_layers else ""}">{i}</th>' for i in range(cfg.n_layer))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(f"""<!doctype html><meta charset="utf-8"><title>per-token depth</title>
-<style>body{{font-family:sans-serif}} td.r{{background:#c0392b}} td.s{{background:#eee}}
+<style>body{{font-family:sans-serif}} td.b{{background:#c0392b}} td.a{{background:#f39c12}}
+td.m{{background:#2980b9}} td.s{{background:#eee}} th.new{{background:#ddd;color:#c0392b}}
 td,th{{width:12px;height:12px;padding:0;font-size:10px}} th{{text-align:right;padding-right:4px}}
 p{{white-space:pre-wrap;max-width:60em;line-height:1.6}}</style>
-<h3>Text coloured by executed layers (blue = few, red = all {n_layer})</h3><p>{text}</p>
-<h3>Token x layer (red = ran, grey = skipped)</h3>
-<table><tr><th>token</th><th>n</th>{head}</tr>{''.join(cells)}</table>""")
+<h3>Text coloured by the share of attentions and MLPs run (blue = few, red = all {cfg.n_layer} of each)</h3>
+<p>{text}</p>
+<h3>Token x layer: red = attention and MLP ran, orange = attention only, blue = MLP only, grey = neither;
+highlighted numbers: inserted layers</h3>
+<table><tr><th>token</th><th>{what}</th>{head}</tr>{''.join(rows)}</table>""")
 
 
 def pieces_of(tok, ids):
@@ -264,7 +297,7 @@ def main(argv=None):
         ids = tok.encode(prompt)
     rule = model.default_rule() if args.threshold is None else Rule("threshold", args.threshold,
                                                                      use_predictor=cfg.route_predictor)
-    tty = sys.stdout.isatty()
+    tty, what = sys.stdout.isatty(), routed_parts(cfg)
     generator = torch.Generator(device).manual_seed(args.seed)
     all_pieces, all_ran = [], []
     for sample in range(args.num_samples):
@@ -276,10 +309,10 @@ def main(argv=None):
                                         rule=rule, generator=generator, compiled=args.compile):
                 t_first = t_first or time.time()   # the prompt's prefill ends with the first token
                 if step.prompt_ran is not None:     # the prompt's own depth, token by token
-                    for piece, row in zip(pieces_of(tok, ids), step.prompt_ran[0][step.prompt_valid[0]].tolist()):
+                    for piece, row in zip(pieces_of(tok, ids), step.prompt_ran[0][step.prompt_valid[0]]):
                         all_pieces.append(piece)
                         all_ran.append(row)
-                        print(colour(piece, sum(row), cfg.n_layer, tty), end="")
+                        print(colour(piece, row, what, tty), end="")
                     print("\n--- answer:")
                 token = int(step.token[0])
                 if token in (tok.eos_id, tok.im_end_id):
@@ -290,8 +323,8 @@ def main(argv=None):
                     print(piece, end="", flush=True)
                 else:
                     all_pieces.append(piece)
-                    all_ran.append(step.ran[0].tolist())
-                    print(colour(piece, int(step.ran[0].sum()), cfg.n_layer, tty), end="", flush=True)
+                    all_ran.append(step.ran[0])
+                    print(colour(piece, step.ran[0], what, tty), end="", flush=True)
         except ValueError as e:
             sys.exit(f"\nerror: {e}")
         decode_s = max(1e-9, time.time() - (t_first or t0))
@@ -304,15 +337,18 @@ def main(argv=None):
 
 
 def report_depth(model, pieces, ran, context, path):
-    """Mean executed layers and layer FLOPs saved over every token shown, and the picture."""
+    """Mean attentions and MLPs run over every token shown, layer FLOPs saved, the picture."""
     cfg = model.config
-    per_layer = torch.tensor(ran, dtype=torch.float64).mean(0).tolist()
-    attn, mlp, _ = model.layer_flops(context)
-    layer_total = cfg.n_layer * (attn + mlp)
-    saved = 1 - (model.flops_per_token(per_layer, context) - 2 * cfg.n_embd * cfg.vocab_size) / layer_total
-    print(f"depth: {sum(per_layer):.2f} of {cfg.n_layer} layers per token on average, prompt and answer "
-          f"(routed part: {cfg.route}), {100 * saved:.1f}% of layer FLOPs saved")
-    write_depth_html(path, pieces, ran, cfg.n_layer)
+    per_layer = torch.stack(ran).double().mean(0)          # (n_layer, 2)
+    attn, mlp = per_layer[:, 0].tolist(), per_layer[:, 1].tolist()
+    a, m, _ = model.layer_flops(context)
+    saved = 1 - (model.flops_per_token(attn, mlp, context) - 2 * cfg.n_embd * cfg.vocab_size) / (cfg.n_layer * (a + m))
+    new = cfg.new_layers
+    inserted = (f"; inserted layers {sum(attn[i] for i in new):.2f} attentions and {sum(mlp[i] for i in new):.2f} "
+                f"MLPs of {len(new)}" if new else "")
+    print(f"depth per token, prompt and answer: {sum(attn):.2f} attentions and {sum(mlp):.2f} MLPs of "
+          f"{cfg.n_layer}{inserted}; {100 * saved:.1f}% of layer FLOPs saved")
+    write_depth_html(path, pieces, ran, cfg)
     print(f"token x layer picture: {path}")
 
 

@@ -42,7 +42,7 @@ import lesa
 import weights
 from data import DATASETS
 from model import CHOICES as MODEL_CHOICES
-from router import (LABELS, SPLITS, CapacitySchedule, Rule, dynamic_lr_scales, executed_fraction, make_labels,
+from router import (LABELS, SPLITS, Rule, dynamic_lr_scales, executed_fraction, make_labels, part_schedule,
                     routable_tokens, router_loss)
 from weights import autocast, pick_device, pick_dtype
 
@@ -62,12 +62,13 @@ class TrainConfig:
     drop: str = ""                  # comma-separated layers to remove
     shortgpt_drop: int = 0          # ShortGPT: remove this many lowest-Block-Influence layers
     # routing (router.py)
-    route: str = "mlp"              # none, mlp (DLO default), block
+    route: str = "mlp"              # what --routed layers skip: none, mlp (DLO default), attn, attn+mlp, block
     routed: str = "new"             # new (inserted layers only), all, every-other, or "i,j,..."
+    attn_routed: str = ""           # other layers whose attention alone is routed: "rest" (all others) or "i,j,..."
     dense_first: int = 0            # keep this many first layers dense (never routed)
     dense_last: int = 0             # keep this many last layers dense
     sink_tokens: int = 1            # the first r positions of every row always run
-    kv_policy: str = "compute"      # block routing: compute or drop
+    kv_policy: str = "compute"      # routed attention: skipped tokens write K/V (compute) or not (drop)
     gate: str = "dlo"               # dlo: g(p) = 1 + gap (p - 0.5); mod: output times p
     train_rule: str = "topk"        # topk (DLO) or threshold (MoDification)
     threshold: float = 0.5          # threshold rule in training; inference before calibration
@@ -77,6 +78,7 @@ class TrainConfig:
     router_lr_scale: float = 50.0   # routers' LR = lr * this
     capacity_start: float = 1.0
     capacity_end: float = 0.59      # 10 new layers at 0.59, sinks run: <= 0.90 of SmolLM2-40's MLPs
+    attn_capacity_end: float = 0.0  # > 0: routed attention parts anneal to this, labelled apart from the rest
     route_warmup: float = 0.2       # fraction of steps at capacity_start while the routers learn the labels
     route_anneal: float = 0.5       # fraction of steps over which capacity then anneals to capacity_end
     warmup_freeze: bool = False     # during the router warm-up, train the routers alone
@@ -148,8 +150,9 @@ def parse_args(argv=None):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             sys.exit(f"error: --{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
-    if not (0 < cfg.capacity_start <= 1 and 0 < cfg.capacity_end <= 1):
-        sys.exit(f"error: capacities must be in (0, 1], got {cfg.capacity_start} -> {cfg.capacity_end}")
+    if not (0 < cfg.capacity_start <= 1 and 0 < cfg.capacity_end <= 1 and 0 <= cfg.attn_capacity_end <= 1):
+        sys.exit(f"error: capacities must be in (0, 1], got {cfg.capacity_start} -> {cfg.capacity_end} "
+                 f"(attention: {cfg.attn_capacity_end})")
     if not (0 <= cfg.route_warmup and 0 <= cfg.route_anneal and cfg.route_warmup + cfg.route_anneal <= 1):
         sys.exit(f"error: route_warmup + route_anneal must be fractions of the run adding up to at most 1, "
                  f"got {cfg.route_warmup} + {cfg.route_anneal}")
@@ -178,11 +181,18 @@ def build_model(cfg, calibration):
                            trim=cfg.trim, after=int_list(cfg.after), freeze_original=cfg.freeze_original)
     if cfg.freeze_original and cfg.placement in ("none", "lesa"):
         raise ValueError(f"freeze_original needs an interleave/tli/stack/index expansion, not {cfg.placement}")
-    if cfg.route != "none":
-        which = cfg.routed if cfg.routed in dlo.ROUTED else int_list(cfg.routed)
-        layers = dlo.routed_layers(model.config, which, cfg.dense_first, cfg.dense_last)
-        model = dlo.activate(model, cfg.route, layers=layers, sink_tokens=cfg.sink_tokens, kv_policy=cfg.kv_policy,
-                             route_gate=cfg.gate, route_threshold=cfg.threshold, route_predictor=cfg.predictor)
+    if cfg.route != "none" or cfg.attn_routed:
+        L, layers, attn_layers = model.config.n_layer, (), ()
+        if cfg.route != "none":
+            which = cfg.routed if cfg.routed in dlo.ROUTED else int_list(cfg.routed)
+            layers = dlo.routed_layers(model.config, which, cfg.dense_first, cfg.dense_last)
+        if cfg.attn_routed:
+            rest = [i for i in range(L) if i not in layers]
+            which = rest if cfg.attn_routed == "rest" else int_list(cfg.attn_routed)
+            attn_layers = dlo.routed_layers(model.config, which, cfg.dense_first, cfg.dense_last)
+        model = dlo.activate(model, "none" if not layers else cfg.route, layers=layers, attn_layers=attn_layers,
+                             sink_tokens=cfg.sink_tokens, kv_policy=cfg.kv_policy, route_gate=cfg.gate,
+                             route_threshold=cfg.threshold, route_predictor=cfg.predictor)
     return model
 
 
@@ -205,7 +215,7 @@ def param_groups(model, router_lr_scale=1.0, new_lr_scale=1.0):
     its two output projections only and needs larger steps to leave the identity); the
     routers form one more group with their own LR multiplier."""
     new = set(model.config.new_layers)
-    routers = [p for layer in model.layers if layer.router is not None for p in layer.router.parameters()]
+    routers = [p for layer in model.layers for router in layer.routers() for p in router.parameters()]
     ids = {id(p) for p in routers}
     groups = [{"params": [p for p in layer.parameters() if p.requires_grad and id(p) not in ids], "layer": i,
                "scale": new_lr_scale if i in new else 1.0} for i, layer in enumerate(model.layers)]
@@ -229,10 +239,10 @@ def set_backbone_trainable(model, trainable):
     otherwise reach the backbone through them. LLaMA Pro's frozen layers stay frozen."""
     frozen = set(model.config.frozen_layers)
     for i, layer in enumerate(model.layers):
-        if layer.router is not None:
-            layer.router.detach_input = not trainable
+        for router in layer.routers():
+            router.detach_input = not trainable
         for name, p in layer.named_parameters():
-            if not name.startswith("router."):
+            if not dlo.is_router(name):
                 p.requires_grad_(trainable and i not in frozen)
     if not frozen:
         for name, p in model.named_parameters():
@@ -240,9 +250,10 @@ def set_backbone_trainable(model, trainable):
                 p.requires_grad_(trainable)
 
 
-def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_route, frozen=False):
+def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_route, frozen=False, groups=None):
     """LM + router loss of one micro-batch, normalised by the global batch's counts (n_lm
-    target tokens, n_route routed layer x routable token pairs). `model` may be a DDP/FSDP
+    target tokens, n_route routed part x routable token pairs); groups: each part's
+    capacity group, label_capacity one per group. `model` may be a DDP/FSDP
     wrapper; `inner` is the GPT whose route_trace the forward fills. Top-k and the
     cos-global cut are per micro-batch: they depend on the batch they see. With the
     backbone frozen (router warm-up), the routers learn from the BCE alone.
@@ -255,14 +266,15 @@ def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_rou
     labels, frac = None, None
     if cfg.labels != "none":
         ties = "skip" if cfg.capacity_split == "labels" else "run"
-        labels, frac = make_labels(traces, cfg.labels, label_capacity, ties)
+        labels, frac = make_labels(traces, cfg.labels, label_capacity, ties, groups)
     route = router_loss(traces, labels, n_route, cfg.router_lambda, cfg.predictor)
     return (route if frozen else lm + route), lm, frac
 
 
 # the flags that decide the model's shape: a resume must not change them
 ARCHITECTURE_FLAGS = ("init_from", "drop", "shortgpt_drop", "placement", "n_new", "every_k", "trim", "after",
-                      "init", "freeze_original", "route", "routed", "dense_first", "dense_last", "sink_tokens",
+                      "init", "freeze_original", "route", "routed", "attn_routed", "dense_first", "dense_last",
+                      "sink_tokens",
                       "kv_policy", "gate", "predictor")
 
 
@@ -304,10 +316,10 @@ class Trainer:
         self.cfg, self.model, self.train_data, self.val_data = cfg, model, train_data, val_data
         self.rank, self.world, self.device, self.master = rank, world, device, rank == 0
         self.dtype = pick_dtype(cfg.dtype, device)
-        self.routed = model.config.routed_ids()
-        self.sched = CapacitySchedule(len(self.routed), cfg.capacity_start, cfg.capacity_end,
-                                      warmup=round(cfg.route_warmup * cfg.max_steps),
-                                      anneal=round(cfg.route_anneal * cfg.max_steps), split=cfg.capacity_split)
+        self.routed = model.config.route_slots()
+        self.sched = part_schedule(self.routed, cfg.capacity_start, cfg.capacity_end, cfg.attn_capacity_end,
+                                   warmup=round(cfg.route_warmup * cfg.max_steps),
+                                   anneal=round(cfg.route_anneal * cfg.max_steps), split=cfg.capacity_split)
         # calibrated thresholds replace top-k at inference; the threshold rule needs none
         self.calibrating = bool(self.routed) and cfg.train_rule == "topk" and not cfg.predictor
         self.frozen = False
@@ -376,7 +388,11 @@ class Trainer:
     def set_lr(self, step):
         lr = lr_at(step, self.cfg)
         caps = self.sched.capacities(step).tolist()
-        scales = dict(zip(self.routed, dynamic_lr_scales(caps))) if self.cfg.dynamic_lr and self.routed else {}
+        scales = {}   # a layer with two routed parts takes their mean
+        if self.cfg.dynamic_lr and self.routed:
+            for (layer, _), scale in zip(self.routed, dynamic_lr_scales(caps)):
+                scales.setdefault(layer, []).append(scale)
+        scales = {layer: sum(s) / len(s) for layer, s in scales.items()}
         for group in self.optimizer.param_groups:
             group["lr"] = lr * scales.get(group["layer"], 1.0) * group["scale"]
         return lr, caps
@@ -400,23 +416,24 @@ class Trainer:
         routable = [int(routable_tokens(v, torch.arange(v.size(1)), r).sum()) for _, _, v in batches]
         n_lm, n_route = self.reduce([sum(int((y != -1).sum()) for _, y, _ in batches),
                                      sum(routable) * len(self.routed)]).tolist()
-        totals, frac_sum = torch.zeros(4, dtype=torch.float64), torch.zeros(len(self.routed), dtype=torch.float64)
+        totals, frac_sum = torch.zeros(5, dtype=torch.float64), torch.zeros(len(self.routed), dtype=torch.float64)
         for m, (x, y, valid) in enumerate(batches):
             x, y, valid = x.to(self.device), y.to(self.device), valid.to(self.device)
             last = m == cfg.grad_accum - 1
             sync = self.train_model.no_sync() if self.world > 1 and cfg.dist == "ddp" and not last else nullcontext()
             with sync, autocast(self.device, self.dtype):
                 loss, lm, frac = micro_loss(self.train_model, model, x, y, valid, rule, cfg, label_capacity,
-                                            n_lm, max(1.0, n_route), self.frozen)
+                                            n_lm, max(1.0, n_route), self.frozen, self.sched.groups)
                 # DDP/FSDP average gradients over ranks; the loss is already a global mean
                 (loss * self.world).backward()
             traces = model.route_trace
-            ran = float(executed_fraction(traces, model.config.n_layer, int(valid.sum()))) * int(valid.sum())
-            totals += torch.tensor([float(loss.detach()), float(lm.detach()), ran, int(valid.sum())],
+            n = int(valid.sum())
+            attn_ran, mlp_ran = (f * n for f in executed_fraction(traces, model.config.n_layer, n))
+            totals += torch.tensor([float(loss.detach()), float(lm.detach()), attn_ran, mlp_ran, n],
                                    dtype=torch.float64)
             if frac is not None:   # weighted by the micro-batch's routable tokens
                 frac_sum += frac.detach().double().cpu() * routable[m]
-        step_loss, step_lm, ran, n_valid = self.reduce(totals.tolist()).tolist()
+        step_loss, step_lm, attn_ran, mlp_ran, n_valid = self.reduce(totals.tolist()).tolist()
         if not math.isfinite(step_loss):
             if self.master:
                 print(f"error: loss is {step_loss} at step {step}; stopping. The last good checkpoint "
@@ -428,10 +445,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.labels in ("cos", "cos-global") and self.routed:
             self.sched.update(self.reduce(frac_sum.tolist()) / max(1.0, n_route / len(self.routed)))
-        record = {"step": step + 1, "loss": step_lm, "lr": lr, "exec_frac_train": ran / n_valid}
+        record = {"step": step + 1, "loss": step_lm, "lr": lr, "attn_frac_train": attn_ran / n_valid,
+                  "mlp_frac_train": mlp_ran / n_valid}
         if self.routed:
             route = step_loss if self.frozen else step_loss - step_lm   # frozen: the loss is the router's alone
-            record.update(router_loss=route, c_bar=self.sched.global_capacity(step), caps=caps)
+            c_bar = [self.sched.global_capacity(step, g) for g in range(len(self.sched.ends))]
+            record.update(router_loss=route, c_bar=c_bar[0] if len(c_bar) == 1 else c_bar, caps=caps)
         return record
 
     def calibrate(self, step):
@@ -445,7 +464,7 @@ class Trainer:
             self.model.config.route_threshold = self.calibrate(step)
         result = evaluate.evaluate(self.model, self.val_data, self.eval_rows, self.model.default_rule(),
                                    cfg.batch_size, self.device, self.dtype, labels=cfg.labels if self.routed else None,
-                                   label_capacity=self.sched.label_capacity(step))
+                                   label_capacity=self.sched.label_capacity(step), groups=self.sched.groups)
         record = {"step": step, **{k: v for k, v in result.items() if not k.startswith("row_")}}
         if self.calibrating:
             record["thresholds"] = list(self.model.config.route_threshold)
@@ -468,7 +487,7 @@ class Trainer:
             tokens += cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len
             record["tok_s"] = tokens / (time.time() - t0)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_s']:.0f}",
-                            exec=f"{record['exec_frac_train']:.3f}")
+                            attn=f"{record['attn_frac_train']:.3f}", mlp=f"{record['mlp_frac_train']:.3f}")
             self.write(record)
             if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
                 self.save(step + 1)
@@ -478,8 +497,8 @@ class Trainer:
         result = self.log_eval(cfg.max_steps)
         if self.master:
             self.log.close()
-            summary = {k: result[k] for k in ("val_loss", "val_se", "exec_frac_infer")}
-            summary["exec_frac_train"] = record.get("exec_frac_train")
+            summary = {k: result[k] for k in ("val_loss", "val_se", "attn_frac_infer", "mlp_frac_infer")}
+            summary.update({k: record.get(k) for k in ("attn_frac_train", "mlp_frac_train")})
             print(json.dumps(summary))
         return result
 

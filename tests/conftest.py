@@ -51,8 +51,8 @@ def routed_tiny(route="mlp", seed=0, scale=0.5, **options):
     torch.manual_seed(seed + 7)
     with torch.no_grad():
         for layer in model.layers:
-            if layer.router is not None:
-                layer.router.weight.normal_(0, scale)
+            for router in layer.routers():
+                router.weight.normal_(0, scale)
     return model
 
 

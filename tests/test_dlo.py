@@ -96,11 +96,12 @@ def test_impossible_expansions_are_clear_errors():
         dlo.expand(model, "interleave", n_new=1, init="ones")
 
 
-@pytest.mark.parametrize("route", ["mlp", "block"])
+@pytest.mark.parametrize("route", ["mlp", "attn", "attn+mlp", "block"])
 @pytest.mark.parametrize("policy", ["compute", "drop"])
 def test_routing_every_token_equals_dense(route, policy):
     dense = dlo.expand(tiny_model(), "interleave", n_new=2)
-    routed = dlo.activate(dense, route, kv_policy=policy)
+    routed = dlo.activate(dense, route, kv_policy=policy, layers=dense.config.new_layers,
+                          attn_layers=[i for i in range(6) if i not in dense.config.new_layers])
     idx = torch.randint(0, 97, (3, 11))
     want = logits(dense, idx)
     assert (logits(routed, idx, ALL) - want).abs().max() < 1e-5          # top-k at init keeps all (ties)
@@ -113,6 +114,24 @@ def test_drop_layers_removes_them():
     small = dlo.drop_layers(model, [1, 2])
     assert small.config.n_layer == 2
     assert torch.equal(small.layers[1].mlp.gate_up_proj.weight, model.layers[3].mlp.gate_up_proj.weight)
+
+
+def test_dropping_routed_layers_keeps_the_thresholds_of_the_others():
+    """A calibrated model keeps one threshold per surviving routed part; dropping every
+    routed layer leaves a dense model, not one routed everywhere."""
+    grown = dlo.expand(tiny_model(), "interleave", n_new=2)
+    new = grown.config.new_layers
+    model = dlo.activate(grown, "attn+mlp", layers=new, attn_layers=[0, 1], sink_tokens=1)
+    model.config.route_threshold = tuple(0.1 * (i + 1) for i in range(len(model.config.route_slots())))
+    model.config.__post_init__()
+    kept = dict(zip(model.config.route_slots(), model.config.route_threshold))
+    small = dlo.drop_layers(model, [new[0]])
+    moved = {0: 0, 1: 1, new[1]: new[1] - 1}
+    assert dict(zip(small.config.route_slots(), small.config.route_threshold)) == {
+        (moved[i], part): t for (i, part), t in kept.items() if i != new[0]}
+    base = dlo.drop_layers(model, new)
+    assert base.config.route == "none" and base.config.route_slots() == ((0, "attn"), (1, "attn"))
+    assert dlo.drop_layers(dlo.activate(grown, "mlp", layers=new), new).config.route_slots() == ()
 
 
 def test_shortgpt_drops_the_lowest_measured_bi():

@@ -1,9 +1,11 @@
 """Held-out evaluation and calibration: the standard error, the calibrated thresholds."""
+import math
+
 import pytest
 import torch
 
 from conftest import routed_tiny
-from evaluate import calibrate, controls, evaluate, row_stats
+from evaluate import calibrate, controls, evaluate, row_stats, static_rule
 from router import Rule
 
 
@@ -52,15 +54,33 @@ def test_controls_run_the_same_fractions_as_the_routers():
     data = Rows()
     mine = evaluate(model, data, range(12), model.default_rule(), 4, "cpu", "float32")
     assert 0.2 < sum(mine["routed_frac"]) / 4 < 0.8
-    for name, rule in controls(mine).items():
-        other = evaluate(model, data, range(12), rule, 4, "cpu", "float32")
-        if name != "p>=0.5":   # per batch of 4 rows, ceil(f * N): within a token per batch and layer
-            assert all(abs(a - b) < 0.1 for a, b in zip(other["routed_frac"], mine["routed_frac"]))
+    rules = controls(mine, ["mlp"] * 4)
+    for name, tolerance in (("oracle", 0.1), ("random", 0.15)):   # oracle: ceil(f * N) per batch of 4 rows
+        other = evaluate(model, data, range(12), rules[name], 4, "cpu", "float32")
+        assert all(abs(a - b) < tolerance for a, b in zip(other["routed_frac"], mine["routed_frac"]))
     x, _, valid = data.batch(range(4))
-    rule = controls(mine)["oracle"](model, x, valid)
+    rule = rules["oracle"](model, x, valid)
     with torch.no_grad():
         model(x, valid=valid, rule=Rule("all", similarity=True))
     for mask, t in zip(rule.masks, model.route_trace):
         assert not (mask & ~t.routable).any()
         ran, skipped = t.sim[mask], t.sim[t.routable & ~mask]
         assert ran.numel() == 0 or skipped.numel() == 0 or ran.max() <= skipped.min()
+
+
+def test_static_control_drops_whole_parts_at_the_routers_total():
+    """Per kind of part, the most used parts run whole and the rest not at all, and the
+    kept count is the routers' total rounded up: never less compute than the routers."""
+    fractions = [0.9, 0.1, 0.35, 0.2, 0.6, 0.8]
+    parts = ["attn", "attn", "attn", "mlp", "mlp", "mlp"]
+    assert static_rule(fractions, parts).capacity.tolist() == [1, 0, 1, 0, 1, 1]   # attn 1.35 -> 2; mlp 1.6 -> 2
+    model = routed_tiny("attn+mlp", sink_tokens=1)
+    data = Rows()
+    mine = evaluate(model, data, range(12), model.default_rule(), 4, "cpu", "float32")
+    kinds = [part for _, part in model.config.route_slots()]
+    static = evaluate(model, data, range(12), controls(mine, kinds)["static"], 4, "cpu", "float32")
+    assert set(static["routed_frac"]) <= {0.0, 1.0}
+    for kind in ("attn", "mlp"):
+        routers = sum(f for f, k in zip(mine["routed_frac"], kinds) if k == kind)
+        kept = sum(f for f, k in zip(static["routed_frac"], kinds) if k == kind)
+        assert kept == math.ceil(routers - 1e-6)

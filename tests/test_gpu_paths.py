@@ -101,7 +101,7 @@ def test_evaluation_and_routed_generation_under_autocast():
 
     out = evaluate.evaluate(model, Data(), range(4), Rule("threshold", 0.5), 2, "cpu", "bfloat16",
                             labels="cos-global", label_capacity=0.8)
-    assert torch.isfinite(torch.tensor(out["val_loss"])) and 0 < out["exec_frac_infer"] <= 1
+    assert torch.isfinite(torch.tensor(out["val_loss"])) and 0 < out["mlp_frac_infer"] <= 1
     for method in ("dlo-cos-global", "modification-drop", "mod"):
         model = routed(METHODS[method]).eval()
         with bf16():

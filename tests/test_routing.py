@@ -13,9 +13,16 @@ from model import Context, rope_tables
 from sample import generate, generate_stream, kv_caches
 
 
-@pytest.mark.parametrize("route,policy", [("mlp", "compute"), ("block", "compute"), ("block", "drop")])
-def test_cached_decode_equals_full_forward_with_routing(route, policy):
-    model = routed_tiny(route, kv_policy=policy)
+ROUTINGS = [("mlp", {}), ("attn", {}), ("attn+mlp", {}), ("block", {}),
+            ("block", {"layers": [1, 3], "attn_layers": [0, 2]})]   # inserted blocks whole, attention elsewhere
+
+
+@pytest.mark.parametrize("route,layers", ROUTINGS)
+@pytest.mark.parametrize("policy", ["compute", "drop"])
+def test_cached_decode_equals_full_forward_with_routing(route, layers, policy):
+    """Prefill then token-by-token decode of a ragged batch gives the logits of the full
+    forward of each prompt alone, whatever is routed and whichever KV policy."""
+    model = routed_tiny(route, kv_policy=policy, sink_tokens=1, **layers)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 14)]
     rule = Rule(kind="threshold", threshold=0.5)
@@ -26,14 +33,34 @@ def test_cached_decode_equals_full_forward_with_routing(route, policy):
         assert (got - want).abs().max() < 1e-4
 
 
-def test_drop_policy_stores_and_attends_no_skipped_kv():
-    model = routed_tiny("block", kv_policy="drop")
+@pytest.mark.parametrize("route,layers", ROUTINGS[1:])
+@pytest.mark.parametrize("policy", ["compute", "drop"])
+def test_gathered_attention_equals_the_masked_dense_pass(route, layers, policy):
+    """The selected tokens' attention, run alone (gathered queries; under drop their K/V
+    only), equals the labels' dense pass over every token, whose skipped rows are discarded:
+    in training and evaluation (no cache), right-padded rows included."""
+    model = routed_tiny(route, kv_policy=policy, sink_tokens=1, **layers)
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 97, (3, 13), generator=g)
+    valid = torch.arange(13)[None] < torch.tensor([[13], [7], [10]])
+    with torch.no_grad():
+        sparse, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5))
+        dense, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5, similarity=True))
+    assert (sparse - dense)[valid].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("route", ["attn", "attn+mlp", "block"])
+def test_drop_policy_writes_no_kv_for_tokens_that_skip_attention(route):
+    model = routed_tiny(route, kv_policy="drop")
     idx = torch.randint(0, 97, (1, 12))
     with kv_caches(model, 1, 12):
         model(idx, input_pos=torch.arange(12))
         for t in model.route_trace:
+            if t.part == "mlp":
+                continue
             cache = model.layers[t.layer].self_attn.kv_cache
             skipped = ~t.sel[0]
+            assert skipped.any() and t.sel[0].any()
             assert torch.equal(cache.valid[0], t.sel[0])               # never attended to
             assert cache.k[0][:, skipped].abs().sum() == 0             # never stored
             assert cache.v[0][:, skipped].abs().sum() == 0
@@ -222,7 +249,7 @@ def test_mod_topk_routes_exactly_topk_at_original_positions():
     valid = torch.ones(1, T, dtype=torch.bool)
     rule = Rule("topk", capacity=torch.tensor([0.25], dtype=torch.float64))
     with torch.no_grad():
-        out, trace = block(x, Context(rope, valid, valid, None, rule, causal_only=True), 0)
+        out, (trace,) = block(x, Context(rope, valid, valid, None, rule, causal_only=True), 0)
         p = trace.p[0]
         top = p.topk(4).indices.sort().values                         # k = 0.25 * 16, causal order
         assert trace.sel[0].nonzero().squeeze(1).tolist() == top.tolist()

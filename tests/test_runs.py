@@ -98,11 +98,11 @@ def test_warmup_skips_nothing_then_training_and_inference_fractions_agree(setup,
     """Steps 1-2 (route_warmup 0.25 of 8) run every MLP; then capacity anneals and skips;
     the run ends with thresholds calibrated so that inference executes what training did."""
     steps = losses(single)
-    assert [s["exec_frac_train"] for s in steps[:2]] == [1.0, 1.0]
-    assert steps[-1]["exec_frac_train"] < 0.95
+    assert [s["mlp_frac_train"] for s in steps[:2]] == [1.0, 1.0]
+    assert steps[-1]["mlp_frac_train"] < 0.95
     evals = [json.loads(line) for line in open(single / "log.jsonl") if "val_loss" in line]
     final = evals[-1]
-    assert len(final["thresholds"]) == 6 and final["exec_frac_infer"] < 0.97
+    assert len(final["thresholds"]) == 6 and final["mlp_frac_infer"] < 0.97
     ckpt = weights.load_checkpoint(str(single / "ckpt.pt"))
     assert tuple(ckpt.model_config["route_threshold"]) == tuple(final["thresholds"])
 
