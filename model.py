@@ -10,6 +10,7 @@ can each carry a router that skips work per token.
   LM head only where a target is; FLOP and KV-byte estimators that count skipped work
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -125,10 +126,19 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
+class Keys(NamedTuple):
+    """Every key and value a chunk's queries may attend to."""
+    k: torch.Tensor       # (B, nkv, S, hs)
+    v: torch.Tensor       # (B, nkv, S, hs)
+    valid: torch.Tensor   # (B, S): written by a real token that ran this attention
+    slot: torch.Tensor    # (S,) or (B, S): each key's place in the sequence, for the causal mask
+
+
 class KVCache(nn.Module):
     """Static K/V buffers plus a `valid` flag per slot. A slot is valid once a real
     token that ran this layer's attention wrote it; padding and, under the `drop`
-    policy, skipped tokens never become valid, so nobody attends to them."""
+    policy, skipped tokens never become valid, so nobody attends to them. Every slot
+    is reserved up front; cache.CompactKVCache stores only what is written."""
 
     def __init__(self, batch_size, max_seq, n_kv_head, head_dim, dtype, device):
         super().__init__()
@@ -136,19 +146,23 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("valid", torch.zeros(shape[0], max_seq, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("slot", torch.arange(max_seq, device=device), persistent=False)
 
     def update(self, input_pos, k, v, write):  # input_pos (T,), k/v (B, nkv, T, hs), write (B, T)
         keep = write[:, None, :, None]
         self.k[:, :, input_pos] = k.masked_fill(~keep, 0).to(self.k.dtype)   # autocast: bf16 into the cache
         self.v[:, :, input_pos] = v.masked_fill(~keep, 0).to(self.v.dtype)
         self.valid[:, input_pos] = write
-        return self.k, self.v, self.valid
+        return Keys(self.k, self.v, self.valid, self.slot)
 
     def update_rows(self, b, slot, k, v):  # only the tokens (b, slot) (N,) write: k/v (N, nkv, hs)
         self.k[b, :, slot] = k.to(self.k.dtype)   # a slot starts invalid and is written once
         self.v[b, :, slot] = v.to(self.v.dtype)
         self.valid[b, slot] = True
-        return self.k, self.v, self.valid
+        return Keys(self.k, self.v, self.valid, self.slot)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.valid, self.slot))
 
 
 def attend(q, k, v, mask):
@@ -166,11 +180,11 @@ def attend(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
 
 
-def attend_rows(q, b, slot, k, v, key_valid):
+def attend_rows(q, b, slot, keys):
     """Attention for N query rows q (N, nh, hs) of batch rows b (N,) sitting at slots
-    `slot` (N,), over every valid, not later key of k, v (B, nkv, S, hs). The queries are
-    packed per batch row, (B, M) with M the most any row has. Returns (N, nh * hs)."""
-    B, (N, nh, hs) = k.size(0), q.shape
+    `slot` (N,), over every valid, not later key of `keys`. The queries are packed per
+    batch row, (B, M) with M the most any row has. Returns (N, nh * hs)."""
+    B, (N, nh, hs) = keys.k.size(0), q.shape
     if B == 1:
         m, packed, q_slot = torch.arange(N, device=q.device), q[None], slot[None]
     else:
@@ -179,10 +193,10 @@ def attend_rows(q, b, slot, k, v, key_valid):
         M = int(counts.max())
         packed = q.new_zeros(B, M, nh, hs).index_put((b, m), q)
         q_slot = torch.full((B, M), -1, dtype=torch.long, device=q.device).index_put((b, m), slot)
-    key_slot = torch.arange(k.size(2), device=q.device)
-    mask = (key_slot <= q_slot[..., None]) & key_valid[:, None, :]        # (B, M, S)
+    key_slot = keys.slot.view(-1, 1, keys.slot.size(-1))                  # (B or 1, 1, S)
+    mask = (key_slot <= q_slot[..., None]) & keys.valid[:, None, :]       # (B, M, S)
     mask = mask | (q_slot < 0)[..., None]                                  # padding queries: unread
-    y = attend(packed.transpose(1, 2), k, v, mask)                          # (B, nh, M, hs)
+    y = attend(packed.transpose(1, 2), keys.k, keys.v, mask)                # (B, nh, M, hs)
     return y.transpose(1, 2)[b, m].reshape(N, nh * hs)
 
 
@@ -209,7 +223,7 @@ class Attention(nn.Module):
         """Caches the chunk's K/V when decoding (input_pos given); returns every key and value
         this chunk may attend to, with their validity."""
         if input_pos is None:
-            return k, v, write
+            return Keys(k, v, write, torch.arange(k.size(2), device=k.device))
         return self.kv_cache.update(input_pos, k, v, write)
 
     def store_rows(self, k, v, b, t, input_pos, shape):
@@ -220,7 +234,7 @@ class Attention(nn.Module):
         keys[b, :, t], values[b, :, t] = k, v
         written = torch.zeros(shape, dtype=torch.bool, device=k.device)
         written[b, t] = True
-        return keys, values, written
+        return Keys(keys, values, written, torch.arange(shape[1], device=k.device))
 
     def forward(self, x, rope, input_pos, write, causal_only):
         """write (B, T): which tokens of x store K/V that others may attend to.
@@ -229,16 +243,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = self.heads(q, self.n_head, rope)                                        # (B, nh, T, hs)
-        k, v, key_valid = self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head, None),
-                                     input_pos, write)
+        keys = self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head, None), input_pos, write)
         mask = None
         if not causal_only:
-            key_pos = torch.arange(k.size(2), device=x.device)
-            query_pos = key_pos[:T] if input_pos is None else input_pos
-            causal = key_pos[None, :] <= query_pos[:, None]                          # (T, S)
+            key_slot = keys.slot.view(-1, 1, keys.slot.size(-1))                      # (B or 1, 1, S)
+            query_pos = (torch.arange(T, device=x.device) if input_pos is None else input_pos)[:, None]   # (T, 1)
             # a query always sees itself, so a row is never empty (padding, dropped tokens)
-            mask = (causal & key_valid[:, None, :]) | (key_pos[None, :] == query_pos[:, None])
-        y = attend(q, k, v, mask)
+            mask = ((key_slot <= query_pos) & keys.valid[:, None, :]) | (key_slot == query_pos)   # (B, T, S)
+        y = attend(q, keys.k, keys.v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def routed(self, x, norm, rope, input_pos, valid, drop):
@@ -262,13 +274,13 @@ class Attention(nn.Module):
             at = None if angles is None else (angles[0][idx], angles[1][idx])
             if drop:
                 q, k, v = F.linear(norm(flat[idx]), w, bias).split(self.sizes, -1)
-                k, v, key_valid = self.store_rows(self.rows(k, self.n_kv_head, at), self.rows(v, self.n_kv_head, None),
-                                                  b, t, input_pos, (B, T))
+                written = self.store_rows(self.rows(k, self.n_kv_head, at), self.rows(v, self.n_kv_head, None),
+                                          b, t, input_pos, (B, T))
             else:
                 q = F.linear(normed.reshape(B * T, C)[idx], w[:q_size], None if bias is None else bias[:q_size])
-                k, v, key_valid = keys
+                written = keys
             slot = t if input_pos is None else input_pos[t]
-            return self.o_proj(attend_rows(self.rows(q, self.n_head, at), b, slot, k, v, key_valid))
+            return self.o_proj(attend_rows(self.rows(q, self.n_head, at), b, slot, written))
         return rows
 
 

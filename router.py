@@ -190,9 +190,13 @@ def add_selected(base, sel, gate, rows_fn, similarity):
     if similarity:
         y = rows_fn(slice(None)).view_as(base)
         return base + (sel * gate).unsqueeze(-1).to(y.dtype) * y, token_similarity(base, base + y)
-    if not sel.any():   # e.g. a skipped token at batch-1 decode: nothing to run at all
+    n = int(sel.sum())   # the one host sync here
+    if n == 0:   # e.g. a skipped token at batch-1 decode: nothing to run at all
         return base, None
-    idx = sel.flatten().nonzero().squeeze(1)   # ascending token order; the one host sync here
+    if n == sel.numel():   # e.g. a token that runs at batch-1 decode: no gather, no scatter
+        y = rows_fn(torch.arange(n, device=sel.device)).view_as(base)
+        return base + gate.unsqueeze(-1).to(y.dtype) * y, None
+    idx = sel.flatten().nonzero().squeeze(1)   # ascending token order
     out = kernels.scale_scatter(base.reshape(-1, base.size(-1)), idx, rows_fn(idx), gate.flatten())
     return out.view_as(base), None
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import weights
+from cache import CompactKVCache
 from model import KVCache
 from router import Rule, executed_map
 from weights import pick_device
@@ -73,12 +74,16 @@ def pad_left(prompts, device):
 
 
 @contextmanager
-def kv_caches(model, batch_size, max_seq):
-    """A static KV cache (model.KVCache) in every attention while the block runs, gpt-fast
-    style: its shapes never change, so a compiled decode step is traced once."""
+def kv_caches(model, batch_size, max_seq, page=0):
+    """A KV cache in every attention while the block runs. The static one (model.KVCache),
+    gpt-fast style: its shapes never change, so a compiled decode step is traced once.
+    page > 0: cache.CompactKVCache, which stores only the tokens that ran each attention
+    and grows `page` entries at a time."""
     w, cfg = model.embed_tokens.weight, model.config
     for layer in model.layers:
-        layer.self_attn.kv_cache = KVCache(batch_size, max_seq, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device)
+        layer.self_attn.kv_cache = (CompactKVCache(batch_size, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device, page)
+                                    if page else
+                                    KVCache(batch_size, max_seq, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device))
     try:
         yield model
     finally:
@@ -123,10 +128,11 @@ class Step:
 
 @torch.no_grad()
 def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=(),
-                    rule=None, generator=None, compiled=False):
+                    rule=None, generator=None, compiled=False, page=0):
     """Yields one Step per new token. Prompts of different lengths are left-padded; the
     context check happens here, once, not in every forward. compiled: decode with
-    compiled_decode_one_token (the first call compiles)."""
+    compiled_decode_one_token (the first call compiles). page > 0: the KV cache that stores
+    only what ran (cache.py), grown `page` entries at a time."""
     device = model.embed_tokens.weight.device
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token")
@@ -138,7 +144,7 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
     rule = rule or model.default_rule()
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    with kv_caches(model, len(prompts), P + max_new_tokens):
+    with kv_caches(model, len(prompts), P + max_new_tokens, page):
         logits, prompt_ran = prefill(model, batch, rule)
         ran, position = (prompt_ran[:, -1] if prompt_ran is not None else None), batch.positions[:, -1:] + 1
         slot = torch.full((1,), P, dtype=torch.long, device=device)

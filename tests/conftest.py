@@ -61,9 +61,10 @@ def full_logits(model, prompt, rule=None):
     return logits[0]
 
 
-def cached_logits(model, prompts, rule=None):
+def cached_logits(model, prompts, rule=None, page=0):
     """Prefill all but the last token of each prompt, then decode token by token with the
-    prompts left-padded in one batch; returns each row's logits for every real position."""
+    prompts left-padded in one batch; returns each row's logits for every real position.
+    page > 0: the compact cache (cache.py), grown that many entries at a time."""
     B, P = len(prompts), max(len(p) for p in prompts)
     idx = torch.zeros(B, P, dtype=torch.long)
     valid = torch.zeros(B, P, dtype=torch.bool)
@@ -71,7 +72,7 @@ def cached_logits(model, prompts, rule=None):
         idx[b, P - len(p):] = torch.tensor(p)
         valid[b, P - len(p):] = True
     positions = (valid.cumsum(1) - 1).clamp(min=0)
-    with kv_caches(model, B, P):
+    with kv_caches(model, B, P, page):
         split = P // 2
         out = []
         logits, _ = model(idx[:, :split], input_pos=torch.arange(split), positions=positions[:, :split],

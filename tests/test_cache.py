@@ -1,0 +1,43 @@
+"""The compact KV cache (cache.py): exact decoding, and bytes allocated as the policy says."""
+import math
+
+import pytest
+import torch
+
+from conftest import cached_logits, full_logits, routed_tiny, tiny_model
+from router import Rule
+from sample import kv_caches
+
+
+@pytest.mark.parametrize("route,policy", [("none", "compute"), ("attn", "drop"), ("attn", "compute"),
+                                          ("attn+mlp", "drop"), ("block", "drop")])
+@pytest.mark.parametrize("page", [1, 4, 256])
+def test_compact_cache_decode_equals_full_forward(route, policy, page):
+    model = tiny_model() if route == "none" else routed_tiny(route, kv_policy=policy, sink_tokens=1)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 14)]
+    rule = Rule(kind="threshold", threshold=0.5)
+    for got, prompt in zip(cached_logits(model, prompts, rule, page=page), prompts):
+        assert (got - full_logits(model, prompt, rule)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("page", [1, 5])
+def test_compact_cache_allocates_what_the_policy_says(page):
+    """Per layer, the longest row's count of tokens that ran the attention, rounded up to
+    whole pages, times (K and V entries + an int32 slot) per batch row; a skipped
+    attention stores nothing, a dense one stores every real token."""
+    model = routed_tiny("attn", kv_policy="drop", sink_tokens=1, layers=[1, 2])
+    idx = torch.randint(0, 97, (2, 12))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :3] = False                                              # a left-padded row
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    with kv_caches(model, 2, 12, page) as m:
+        m(idx, input_pos=torch.arange(12), positions=positions, valid=valid, rule=Rule("threshold", 0.5))
+        ran = {t.layer: t.sel for t in m.route_trace}
+        per_entry = 2 * 2 * 8 * 4 + 4                                  # K and V: 2 heads x 8 dims, fp32; slot
+        for i, layer in enumerate(m.layers):
+            stored = (ran[i] & valid).sum(1) if i in ran else valid.sum(1)
+            assert 0 < int(stored.min()) and (i not in ran or int(stored.max()) < 12)
+            want = 2 * math.ceil(int(stored.max()) / page) * page * per_entry
+            assert layer.self_attn.kv_cache.nbytes() == want
+            assert torch.equal((layer.self_attn.kv_cache.slot >= 0).sum(1), stored)
