@@ -176,8 +176,14 @@ def thresholds_at(model, ckpt, data, capacity, device, dtype, attn_capacity=None
     schedule = part_schedule(model.config.route_slots(), capacity, capacity, attn_capacity,
                              split=c["capacity_split"])
     schedule.load_state_dict(ckpt.schedule)
-    rows = data.val_rows(c["eval_rows"] + c["calib_rows"])[c["eval_rows"]:]
-    return calibrate(model, data, rows, schedule.capacities(0), device, dtype)
+    return calibrate(model, data, calibration_rows(data, c), schedule.capacities(0), device, dtype)
+
+
+def calibration_rows(data, train_config):
+    """The held-out rows a run calibrates on: the calib_rows after its eval_rows, or the eval
+    rows themselves when the split is too small to hold both."""
+    rows = data.val_rows(train_config["eval_rows"] + train_config["calib_rows"])
+    return rows[train_config["eval_rows"]:] if len(rows) > train_config["eval_rows"] else rows
 
 
 def recalibrate(path, model, ckpt, data, capacity, device, dtype):

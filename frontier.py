@@ -58,8 +58,7 @@ def floats(text):
 
 def held_out_rows(data, train_config, n):
     """n held-out rows, none of them the run's calibration rows."""
-    c = train_config
-    calib = set(data.val_rows(c["eval_rows"] + c["calib_rows"])[c["eval_rows"]:].tolist())
+    calib = set(evaluate.calibration_rows(data, train_config).tolist())
     rows = [r for r in data.val_rows(data.num_rows).tolist() if r not in calib][:n]
     if len(rows) < n:
         print(f"note: only {len(rows)} held-out rows besides the calibration rows", file=sys.stderr)

@@ -333,10 +333,8 @@ class Trainer:
             self.restore(resume)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        rows = val_data.val_rows(cfg.eval_rows + cfg.calib_rows)
-        self.eval_rows, self.calib_rows = rows[:cfg.eval_rows], rows[cfg.eval_rows:] if cfg.calib_rows else []
-        if self.calibrating and len(self.calib_rows) == 0:   # a tiny held-out split: calibrate on the eval rows
-            self.calib_rows = self.eval_rows
+        self.eval_rows = val_data.val_rows(cfg.eval_rows)
+        self.calib_rows = evaluate.calibration_rows(val_data, dataclasses.asdict(cfg))
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if self.master else None
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")

@@ -222,7 +222,29 @@ def test_compare_pairs_fresh_runs_with_each_other_and_the_controls(setup, tmp_pa
                   "--grad_accum", "1", "--eval_rows", "4", "--decode_tokens", "0", "--out", str(tmp_path),
                   f"--extra={extra}"])
     rows = {r["method"]: r for r in json.load(open(tmp_path / "results.json"))["results"]}
-    assert set(rows) == {"base", "dense", "dlo", "dlo, oracle", "dlo, random", "dlo, p>=0.5"}
+    assert set(rows) == {"base", "dense", "dlo", "dlo, oracle", "dlo, random", "dlo, static", "dlo, p>=0.5"}
     assert all(len(r["eval"]["row_sums"]) == 4 for r in rows.values())
     table = (tmp_path / "table.md").read_text()
-    assert "dlo - random: " in table and table.count("±") >= 2 * len(rows)
+    assert "dlo - static: " in table and "dlo - random: " in table and table.count("±") >= 2 * len(rows)
+
+
+def test_frontier_runs_end_to_end(setup, tmp_path):
+    """Inserted blocks routed whole and the original layers' attention routed on its own,
+    then the frontier: every capacity calibrated, evaluated against its controls and timed
+    beside the base and the dense pass, into a table, JSON and (with matplotlib) a PNG."""
+    out = tmp_path / "run"
+    r = run(flags(setup, out, route="block", routed="new", attn_routed="rest", attn_capacity_end=0.7,
+                  kv_policy="drop", warmup_freeze=False, calib_rows=2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "frontier.py", str(out / "ckpt.pt"), "--capacities", "0.5,0.2",
+                        "--rows", "6", "--prompt_len", "8", "--new_tokens", "4", "--prompts", "1", "--repeats", "1",
+                        "--out", str(tmp_path / "frontier")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    points = {p["name"]: p for p in json.load(open(tmp_path / "frontier" / "frontier.json"))["points"]}
+    for cap in ("0.5", "0.2"):
+        assert {f"routers @ {cap}", f"static @ {cap}", f"random @ {cap}"} <= set(points)
+        assert points[f"static @ {cap}"]["vs_routers"] is not None and points[f"routers @ {cap}"]["decode_tok_s"] > 0
+    assert points["routers @ 0.2"]["mlp_run"] < points["routers @ 0.5"]["mlp_run"] < 6
+    assert points["base"]["decode_tok_s"] > 0 and points["dense (same weights)"]["mlp_run"] == 6
+    assert (tmp_path / "frontier" / "frontier.md").read_text().count("| routers @") == 2
+
