@@ -290,6 +290,21 @@ def router_loss(traces, labels, n_route, lam=1.0, predictor=False):
     return loss
 
 
+def load_loss(traces, alpha):
+    """MoDification's load-reducing objective, as a third-party reading of arXiv 2410.14268
+    describes it (the paper's code is not public): alpha * sum_j F_j * G_j over routed
+    parts j, with F_j the hard fraction of routable tokens that ran part j (a constant)
+    and G_j their mean router probability, which carries the gradient, as in MoE load
+    balancing. It pushes p down where many tokens run, so fewer run."""
+    with torch.autocast(traces[0].logit.device.type, enabled=False):
+        total = 0.0
+        for t in traces:
+            n = t.routable.sum().clamp(min=1)
+            ran = ((t.sel & t.routable).sum() / n).detach()
+            total = total + ran * (t.p * t.routable).sum() / n
+    return alpha * total
+
+
 @torch.no_grad()
 def router_agreement(traces, labels):
     """How well the routers rank tokens by their labels: per layer, run the router's own top

@@ -42,8 +42,8 @@ import lesa
 import weights
 from data import DATASETS
 from model import CHOICES as MODEL_CHOICES
-from router import (LABELS, SPLITS, Rule, dynamic_lr_scales, executed_fraction, make_labels, part_schedule,
-                    routable_tokens, router_loss)
+from router import (LABELS, SPLITS, Rule, dynamic_lr_scales, executed_fraction, load_loss, make_labels,
+                    part_schedule, routable_tokens, router_loss)
 from weights import autocast, pick_device, pick_dtype
 
 
@@ -75,6 +75,7 @@ class TrainConfig:
     labels: str = "cos-global"      # cos, cos-global, self, none
     capacity_split: str = "labels"  # labels: ties skip, capacity taken where labels put it; rescale: DLO's code
     router_lambda: float = 1.0
+    load_alpha: float = 0.0         # MoDification's load-reducing objective, alpha sum_j F_j G_j (its reading: 0.01)
     router_lr_scale: float = 50.0   # routers' LR = lr * this
     capacity_start: float = 1.0
     capacity_end: float = 0.59      # 10 new layers at 0.59, sinks run: <= 0.90 of SmolLM2-40's MLPs
@@ -257,7 +258,9 @@ def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_rou
     wrapper; `inner` is the GPT whose route_trace the forward fills. Top-k and the
     cos-global cut are per micro-batch: they depend on the batch they see. With the
     backbone frozen (router warm-up), the routers learn from the BCE alone.
-    Returns (loss, LM loss, per-layer label fractions or None)."""
+    MoDification's load objective is a product of per-part means: each micro-batch adds
+    its own, weighted by its share of the global batch's routed pairs.
+    Returns (loss, LM loss, per-part label fractions or None)."""
     _, lm_sum = model(x, y, valid=valid, rule=rule, reduction="sum")
     lm = lm_sum / n_lm
     traces = inner.route_trace
@@ -268,6 +271,9 @@ def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_rou
         ties = "skip" if cfg.capacity_split == "labels" else "run"
         labels, frac = make_labels(traces, cfg.labels, label_capacity, ties, groups)
     route = router_loss(traces, labels, n_route, cfg.router_lambda, cfg.predictor)
+    if cfg.load_alpha:
+        share = sum(t.routable.sum() for t in traces) / n_route
+        route = route + share * load_loss(traces, cfg.load_alpha)
     return (route if frozen else lm + route), lm, frac
 
 

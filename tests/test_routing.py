@@ -7,8 +7,8 @@ import torch
 
 import dlo
 from conftest import cached_logits, full_logits, routed_tiny, tiny_model
-from router import (CapacitySchedule, Rule, Trace, add_selected, dynamic_lr_scales, make_labels, router_loss,
-                    select_threshold, select_topk, similarity_labels)
+from router import (CapacitySchedule, Rule, Trace, add_selected, dynamic_lr_scales, load_loss, make_labels,
+                    router_loss, select_threshold, select_topk, similarity_labels)
 from model import Context, rope_tables
 from sample import generate, generate_stream, kv_caches
 
@@ -172,6 +172,22 @@ def test_router_loss_is_bce_on_logits_over_routable_tokens():
     assert abs(float(loss.detach()) - want) < 1e-6
     loss.backward()
     assert logit.grad[0, 2] == 0   # a sink or padding token takes no part
+
+
+def test_load_loss_has_the_gradient_of_its_formula():
+    """R = alpha * sum_j F_j * G_j: F_j, the hard fraction run, is a constant; G_j, the mean
+    p over routable tokens, carries the gradient, so dR/dlogit_i = alpha F_j p_i (1 - p_i) / n_j."""
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 5, generator=g, requires_grad=True) for _ in range(2)]
+    routable = torch.ones(2, 5, dtype=torch.bool)
+    routable[1, 3:] = False
+    traces = [Trace(j, l, l.detach() > 0, routable, routable) for j, l in enumerate(logits)]
+    load_loss(traces, alpha=0.01).backward()
+    for l in logits:
+        n = int(routable.sum())
+        ran = float(((l.detach() > 0) & routable).sum()) / n
+        p = torch.sigmoid(l.detach())
+        torch.testing.assert_close(l.grad, 0.01 * ran * p * (1 - p) * routable / n)
 
 
 def test_router_loss_is_autocast_safe():
