@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="out/bench.json", help="JSON output")
     p.add_argument("--ppl_only", action="store_true", help="only the Hamlet perplexity of the model")
+    p.add_argument("--long", default="", help="only the long-context table, at these contexts (e.g. 1024,8192)")
+    p.add_argument("--models", default="", help="--long: routed checkpoints (.pt) to set beside the base")
+    p.add_argument("--labels", default="", help="--long: a name for the base and each checkpoint, comma-separated")
     return p.parse_args(argv)
 
 
@@ -209,6 +212,105 @@ def kernel_ratios(device, model):
 
 
 
+# ---- long context ----------------------------------------------------------------------
+
+def peak_rss_reset():
+    """Reset the process's peak resident memory (Linux: /proc/self/clear_refs), so that
+    peak_rss_mb measures what comes next; elsewhere it stays the lifetime peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+@torch.no_grad()
+def long_decode(model, prompt, new_tokens):
+    """Prefill seconds, decode tokens/s, KV bytes allocated and peak process MB for one
+    prompt, decoded with the compact cache (cache.py), which holds only what ran."""
+    peak_rss_reset()
+    t0 = time.perf_counter()
+    for i, step in enumerate(generate_stream(model, [prompt], new_tokens, page=256)):
+        if i == 0:
+            t1 = time.perf_counter()
+        if i == new_tokens - 1:   # the caches are alive until the stream closes
+            kv = sum(layer.self_attn.kv_cache.nbytes() for layer in model.layers)
+    t2 = time.perf_counter()
+    return t1 - t0, (new_tokens - 1) / (t2 - t1), kv, peak_rss_mb()
+
+
+@torch.no_grad()
+def windowed_perplexity(model, ids, window=4096):
+    """Perplexity over consecutive windows of `window` tokens, each scored on its own, with
+    the model's own routing rule."""
+    device = model.embed_tokens.weight.device
+    total, n = 0.0, 0
+    for s in range(0, len(ids) - window, window):
+        chunk = torch.tensor([ids[s:s + window + 1]], device=device)
+        _, loss = model(chunk[:, :-1], chunk[:, 1:], reduction="sum")
+        total, n = total + float(loss), n + window
+    return math.exp(total / n)
+
+
+def long_context(args, device):
+    """Each model at each context: prefill time, decode tokens/s, KV bytes allocated and
+    peak memory, side by side (alternating order, best of --repeats); then perplexity on
+    Hamlet in 4,096-token windows and, for checkpoints, the held-out ShareGPT loss."""
+    import evaluate
+    paths = [p for p in args.models.split(",") if p.strip()]
+    names = [n.strip() for n in args.labels.split(",")] if args.labels else ["base"] + paths
+    models = [weights.place(weights.from_pretrained(args.init_from), device).eval()]
+    models += [weights.place(weights.from_pretrained(p), device).eval() for p in paths]
+    tok = load_tokenizer("smollm2")
+    text = tok.encode(shakespeare_text("king-lear") + shakespeare_text("macbeth"))   # held out: not Hamlet
+    contexts = [int(c) for c in args.long.split(",")]
+    rows = {}
+    for ctx in contexts:
+        if len(text) < ctx:
+            raise SystemExit(f"error: the prompt text has {len(text)} tokens, fewer than the context {ctx}")
+        runs = [lambda m=m: long_decode(m, text[:ctx], args.new_tokens) for m in models]
+        results = [[] for _ in models]
+        for r in range(args.repeats):
+            for i in (range(len(models)) if r % 2 == 0 else reversed(range(len(models)))):
+                results[i].append(runs[i]())
+        for name, res in zip(names, results):
+            prefill, rate, kv, peak = min(x[0] for x in res), max(x[1] for x in res), res[0][2], max(x[3] for x in res)
+            rows[name, ctx] = {"prefill_s": prefill, "decode_tok_s": rate, "kv_mb": kv / 2 ** 20, "peak_mb": peak}
+            print(f"{name:>24} @ {ctx:5d}: prefill {prefill:7.2f} s, decode {rate:6.2f} tok/s, KV {kv / 2 ** 20:8.1f} MB,"
+                  f" peak {peak:7.0f} MB", flush=True)
+    hamlet = tok.encode(shakespeare_text("hamlet"))
+    quality = {}
+    for name, path, model in zip(names, [None] + paths, models):
+        q = {"hamlet_ppl": windowed_perplexity(model, hamlet)}
+        if path:
+            ckpt = weights.load_checkpoint(path)
+            c = ckpt.train_config
+            data = evaluate.held_out(c)
+            dtype = weights.pick_dtype(c.get("dtype", "float32"), device)
+            result = evaluate.evaluate(model, data, data.val_rows(c["eval_rows"]), model.default_rule(),
+                                       c["batch_size"], device, dtype)
+            q.update(val_loss=result["val_loss"], attn_run=result["attn_frac_infer"] * model.config.n_layer)
+        quality[name] = q
+        print(f"{name:>24}: " + ", ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
+    lines = ["| method | context | KV MB | decode tok/s | prefill s | held-out loss | Hamlet ppl |",
+             "|---|---|---|---|---|---|---|"]
+    for (name, ctx), r in rows.items():
+        q = quality[name]
+        loss = f"{q['val_loss']:.4f}" if "val_loss" in q else "-"
+        lines.append(f"| {name} | {ctx} | {r['kv_mb']:.1f} | {r['decode_tok_s']:.2f} | {r['prefill_s']:.2f} | {loss} "
+                     f"| {q['hamlet_ppl']:.3f} |")
+    print("\n".join(lines))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"settings": vars(args), "rows": [{"model": n, "context": c, **r} for (n, c), r in rows.items()],
+                   "quality": quality}, f, indent=1)
+
+
 def report(name, value, unit=""):
     print(f"{name:<52} {value:10.3f} {unit}", flush=True)
     return value
@@ -218,6 +320,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(0)
+    if args.long:
+        return long_context(args, device)
     base = weights.place(weights.from_pretrained(args.init_from), device).eval()
     out = {"device": device, "threads": torch.get_num_threads(), "settings": vars(args)}
     out["ppl_fp32"] = report("Hamlet perplexity, fp32", hamlet_perplexity(base))

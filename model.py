@@ -25,6 +25,8 @@ LOSS_CHUNK = 4096
 # the config's choices; train.py's flags take theirs from here
 CHOICES = {"arch": ("llama", "gpt2"), "route": ("none", "mlp", "attn", "attn+mlp", "block"),
            "kv_policy": ("compute", "drop"), "route_gate": ("dlo", "mod")}
+# rules that decide one token at a time, so batch-1 decode can take Block.route_one
+ONE_TOKEN_RULES = ("threshold", "all", "random", "static")
 # what one router skips: a routed layer has one part ("mlp", "attn" or "block") or two
 # ("attn+mlp": attention and MLP each with its own router, as SkipGPT, arXiv 2506.04179)
 PARTS = {"mlp": ("mlp",), "attn": ("attn",), "attn+mlp": ("attn", "mlp"), "block": ("block",)}
@@ -310,6 +312,7 @@ class Context:
     input_pos: object             # (T,) cache slots this chunk writes; None = no cache
     rule: Rule
     causal_only: bool             # no cache, right padding: attention needs no mask
+    single: bool = False          # one token in all (batch-1 decode): Block.route_one decides on the host
 
 
 class Block(nn.Module):
@@ -359,6 +362,9 @@ class Block(nn.Module):
     def route(self, router, part, reads, base, ctx, slot, rows_for):
         """One routed part: decide from `reads`, then base + gate * branch on the selected
         tokens; rows_for(base, ctx, sel) gives the branch for rows of the flat tokens."""
+        rule = ctx.rule
+        if ctx.single and rule.kind in ONE_TOKEN_RULES and not (rule.similarity or rule.use_predictor):
+            return self.route_one(router, part, reads, base, ctx, slot)
         logit = router(reads)
         pred = router.predict(reads) if router.predictor is not None else None
         sel = select(pred if ctx.rule.use_predictor else logit, ctx.routable, ctx.valid, ctx.rule, slot)
@@ -366,6 +372,33 @@ class Block(nn.Module):
         gate = p if self.cfg.route_gate == "mod" else dlo_gate(p, self.cfg.route_gap)
         out, sim = add_selected(base, sel, gate, rows_for(base, ctx, sel), ctx.rule.similarity)
         return out, Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim, pred, part)
+
+    def route_one(self, router, part, reads, base, ctx, slot):
+        """route() for a single token, as in batch-1 decode: one host sync decides, then the
+        part runs densely or not at all, with no gather, scatter or mask, and the gate is a
+        Python number. Static and random rules decide without the router; it then runs
+        only for the gate of a token that runs."""
+        rule, sink = ctx.rule, not bool(ctx.routable)
+        logit = router(reads) if rule.kind == "threshold" and not sink else None
+        if logit is not None:
+            run = float(torch.sigmoid(logit)) >= layer_threshold(rule, slot)
+        else:
+            run = sink or bool(select(reads.new_zeros(1, 1), ctx.routable, ctx.valid, rule, slot))
+        if not run:
+            if part != "mlp" and self.cfg.kv_policy == "compute":   # the context stays complete
+                self.self_attn.routed(base, self.input_layernorm, ctx.rope, ctx.input_pos, ctx.valid, drop=False)
+            logit = reads.new_zeros(1, 1, dtype=torch.float32) if logit is None else logit
+            return base, Trace(self.index, logit, ~ctx.valid, ctx.valid, ctx.routable, part=part)
+        logit = router(reads) if logit is None else logit
+        p = float(torch.sigmoid(logit))
+        gate = p if self.cfg.route_gate == "mod" else 1.0 + self.cfg.route_gap * (p - 0.5)   # router.dlo_gate
+        if part == "mlp":
+            y = self.mlp(self.post_attention_layernorm(base))
+        else:
+            y = self.attention(base, ctx)
+            if part == "block":
+                y = y + self.mlp(self.post_attention_layernorm(base + y))
+        return base + gate * y, Trace(self.index, logit, ctx.valid, ctx.valid, ctx.routable, part=part)
 
     def mlp_rows(self, h, ctx, sel):
         flat = h.reshape(-1, h.size(-1))
@@ -469,7 +502,8 @@ class GPT(nn.Module):
         x = (self.embed_tokens(idx) + self.pos_embed(positions)) if gpt2 else self.embed_tokens(idx)
         rope = None if gpt2 else rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         routable = routable_tokens(valid, positions, self.config.route_sink_tokens)
-        ctx = Context(rope, valid, routable, input_pos, rule or self.default_rule(), causal_only=input_pos is None)
+        ctx = Context(rope, valid, routable, input_pos, rule or self.default_rule(), causal_only=input_pos is None,
+                      single=B * T == 1)
         self.route_trace = []
         for layer in self.layers:
             x, traces = layer(x, ctx, len(self.route_trace))

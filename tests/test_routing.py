@@ -19,12 +19,14 @@ ROUTINGS = [("mlp", {}), ("attn", {}), ("attn+mlp", {}), ("block", {}),
 
 @pytest.mark.parametrize("route,layers", ROUTINGS)
 @pytest.mark.parametrize("policy", ["compute", "drop"])
-def test_cached_decode_equals_full_forward_with_routing(route, layers, policy):
-    """Prefill then token-by-token decode of a ragged batch gives the logits of the full
-    forward of each prompt alone, whatever is routed and whichever KV policy."""
+@pytest.mark.parametrize("lengths", [(9, 21, 14), (21,)])
+def test_cached_decode_equals_full_forward_with_routing(route, layers, policy, lengths):
+    """Prefill then token-by-token decode of a ragged batch, or of one prompt (whose
+    decode steps take Block.route_one), gives the logits of the full forward of each
+    prompt alone, whatever is routed and whichever KV policy."""
     model = routed_tiny(route, kv_policy=policy, sink_tokens=1, **layers)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 14)]
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
     rule = Rule(kind="threshold", threshold=0.5)
     for got, prompt in zip(cached_logits(model, prompts, rule), prompts):
         want = full_logits(model, prompt, rule)
