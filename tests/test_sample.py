@@ -23,13 +23,20 @@ def folders(tmp_path_factory):
     tok = load_tokenizer("smollm2")
     dense = tiny_model(vocab_size=tok.vocab_size, block_size=96)
     weights.save_hf(dense, d / "dense", tokenizer=tok)
-    routed = dlo.activate(dense, "mlp", sink_tokens=1)
-    with torch.no_grad():
-        for layer in routed.layers:
-            layer.router.weight.normal_(0, 0.5)
-    weights.save_checkpoint(str(d / "routed.pt"), weights.Checkpoint(
-        model=routed.state_dict(), model_config=dataclasses.asdict(routed.config),
-        train_config={"init_from": str(d / "dense")}))
+    for name in ("routed", "split"):
+        if name == "routed":
+            model = dlo.activate(dense, "mlp", sink_tokens=1)
+        else:   # the inserted layers' attention and MLP routed apart, the first two layers' attention too
+            grown = dlo.expand(dense, "interleave", n_new=2)
+            model = dlo.activate(grown, "attn+mlp", layers=grown.config.new_layers, attn_layers=[0, 1], sink_tokens=1,
+                                 kv_policy="drop")
+        with torch.no_grad():
+            for layer in model.layers:
+                for router in layer.routers():
+                    router.weight.normal_(0, 0.5)
+        weights.save_checkpoint(str(d / f"{name}.pt"), weights.Checkpoint(
+            model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+            train_config={"init_from": str(d / "dense")}))
     return d
 
 
@@ -52,9 +59,33 @@ def test_depth_view_and_picture(folders):
     assert len(prompt) >= 8 and len(answer) == 12
     assert prompt[0] == 4                                          # the sink ran all 4 layers
     assert len(set(prompt[1:])) > 1 and len(set(answer)) > 1        # depth varies token to token
-    assert "layers per token on average" in r.stdout and "% of layer FLOPs saved" in r.stdout
+    assert "4.00 attentions and" in r.stdout and "% of layer FLOPs saved" in r.stdout
     page = html.read_text()
     assert page.startswith("<!doctype html>") and page.count("<tr>") == 1 + len(prompt) + 12
+
+
+@pytest.mark.slow
+def test_depth_view_tells_attention_and_mlp_skips_apart(folders):
+    """Attention and MLPs routed apart: each token shows both counts, the summary counts
+    the inserted layers, and the picture marks them and colours each part."""
+    html = folders / "split.html"
+    r = sample("--init_from", str(folders / "split.pt"), "--max_new_tokens", "10", "--depth_out", str(html),
+               "--mode", "raw", "--prompt", "Hello there, how are you doing today?")
+    assert r.returncode == 0, r.stderr
+    pairs = [(int(a), int(m)) for a, m in re.findall(r"\|a(\d+) m(\d+)\]", r.stdout)]
+    assert len(pairs) >= 18 and pairs[0] == (6, 6)                   # the sink ran everything
+    assert len({a for a, _ in pairs}) > 1 and len({m for _, m in pairs}) > 1
+    assert all(a >= 2 and m >= 4 for a, m in pairs)   # attention routed in layers 0, 1, 2, 5; MLPs in 2, 5
+    assert "inserted layers" in r.stdout
+    page = html.read_text()
+    assert page.count('class="new"') == 2 and 'class="a"' in page and 'class="m"' in page
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--temperature=-1", "--temperature=nan", "--top_p=0", "--max_new_tokens=0"])
+def test_impossible_sampling_settings_are_refused(folders, flag):
+    r = sample("--init_from", str(folders / "dense"), flag)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "must be" in r.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
