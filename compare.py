@@ -34,6 +34,8 @@ from sample import generate
 from weights import pick_device, pick_dtype
 
 DLO = "--placement interleave --n_new 10 --route mlp"
+MODIFICATION = ("--placement none --route block --routed every-other --kv_policy drop --train_rule threshold "
+                "--threshold 0.5 --labels none --load_alpha 0.01 --sink_tokens 0 --route_warmup 0")
 # train.py flags per method; everything else is shared (see --steps etc.). "dlo" is
 # train.py's defaults; each "dlo-..." row switches one of its mechanisms off.
 METHODS = {
@@ -55,8 +57,12 @@ METHODS = {
     "solar": "--placement stack --trim 10 --route none",
     "tli": "--placement tli --every_k 3 --route none",
     "lesa": "--placement lesa --n_new 10 --route none",
-    "modification": ("--placement none --route block --routed all --dense_first 1 --dense_last 1 "
-                     "--kv_policy drop --train_rule threshold --labels cos-global --capacity_end 0.75"),
+    # MoDification as its public reading describes it (arXiv 2410.14268 abstract; the rest from a
+    # third-party reproduction): every other block, a token runs iff p >= 0.5, the gate p on the
+    # block's output, the load-reducing objective, no labels; skipped tokens write no K/V
+    "modification": f"{MODIFICATION} --gate mod",
+    # the same with DLO's gate g(p) ~ 1, so the converted model starts as the pretrained one
+    "modification-dlo-gate": f"{MODIFICATION} --gate dlo",
     "mod": ("--placement none --route block --routed every-other --kv_policy drop --gate mod --train_rule topk "
             "--labels none --predictor true --capacity_start 0.125 --capacity_end 0.125 --route_warmup 0"),
     "shortgpt": "--placement none --route none --shortgpt_drop 6",

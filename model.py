@@ -4,10 +4,13 @@ can each carry a router that skips work per token.
 
 - RMSNorm, rotate-half RoPE, GQA, SwiGLU (arch="gpt2": LayerNorm, GELU, learned positions);
   HF Llama's module names, but q/k/v and gate/up are one matmul each (weights.py converts)
-- routed blocks (router.py) skip the MLP ("mlp", DLO's default: attention always runs) or
-  the whole block, whose skipped tokens write K/V ("compute") or not ("drop"); sinks run
-- a static KV cache (gpt-fast style); no attention mask where a causal one is exact; the
-  LM head only where a target is; FLOP and KV-byte estimators that count skipped work
+- routed layers (router.py) skip, per token, the MLP ("mlp", DLO's default: attention
+  always runs), the attention ("attn"), each on its own ("attn+mlp", SkipGPT) or the whole
+  block ("block"); a skipped attention still writes K/V ("compute") or writes none ("drop");
+  the selected tokens run alone (gathered), sinks always run, batch-1 decode decides on the host
+- a static KV cache (gpt-fast style; cache.py holds one that stores only what ran); no
+  attention mask where a causal one is exact; the LM head only where a target is; FLOP
+  and KV-byte estimators that count skipped work
 """
 from dataclasses import dataclass
 from typing import NamedTuple

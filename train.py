@@ -157,7 +157,9 @@ def parse_args(argv=None):
     if not (0 <= cfg.route_warmup and 0 <= cfg.route_anneal and cfg.route_warmup + cfg.route_anneal <= 1):
         sys.exit(f"error: route_warmup + route_anneal must be fractions of the run adding up to at most 1, "
                  f"got {cfg.route_warmup} + {cfg.route_anneal}")
-    if cfg.warmup_freeze and (cfg.route == "none" or cfg.labels == "none"):
+    if cfg.attn_routed not in ("", "rest") and not all(s.strip().isdigit() for s in cfg.attn_routed.split(",")):
+        sys.exit(f"error: --attn_routed must be rest or a list of layers like 2,3,4 (got {cfg.attn_routed!r})")
+    if cfg.warmup_freeze and ((cfg.route == "none" and not cfg.attn_routed) or cfg.labels == "none"):
         sys.exit("error: --warmup_freeze trains the routers alone on their labels: it needs --route and --labels")
     return cfg
 
@@ -280,13 +282,13 @@ def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_rou
 # the flags that decide the model's shape: a resume must not change them
 ARCHITECTURE_FLAGS = ("init_from", "drop", "shortgpt_drop", "placement", "n_new", "every_k", "trim", "after",
                       "init", "freeze_original", "route", "routed", "attn_routed", "dense_first", "dense_last",
-                      "sink_tokens",
-                      "kv_policy", "gate", "predictor")
+                      "sink_tokens", "kv_policy", "gate", "predictor")
 
 
 def check_same_architecture(cfg, saved, path):
-    changed = [f"{k}={saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in ARCHITECTURE_FLAGS
-               if saved.get(k) != getattr(cfg, k)]
+    defaults = TrainConfig()   # a flag newer than the checkpoint had its default
+    changed = [f"{k}={saved.get(k, getattr(defaults, k))!r} -> {getattr(cfg, k)!r}" for k in ARCHITECTURE_FLAGS
+               if saved.get(k, getattr(defaults, k)) != getattr(cfg, k)]
     if changed:
         raise ValueError(f"{path} holds a different architecture than the flags ask for "
                          f"({', '.join(changed)}); use another --out_dir or the checkpoint's flags")

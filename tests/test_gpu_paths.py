@@ -9,7 +9,7 @@ import dlo
 import evaluate
 import train
 from conftest import tiny_model
-from router import Rule
+from router import Rule, part_schedule
 from train import TrainConfig, micro_loss, param_groups
 from sample import generate
 
@@ -19,7 +19,12 @@ bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 METHODS = {
     "dlo-cos-global": dict(route="mlp", labels="cos-global", train_rule="topk"),
     "dlo-cos": dict(route="mlp", labels="cos", train_rule="topk"),
-    "modification-drop": dict(route="block", labels="cos-global", train_rule="threshold", kv_policy="drop"),
+    "dlo-attn+mlp-drop": dict(route="attn+mlp", labels="cos-global", train_rule="topk", kv_policy="drop"),
+    "dlo-block-and-attention": dict(route="block", labels="cos-global", train_rule="topk", kv_policy="compute",
+                                    attn_layers=(0, 1), attn_capacity_end=0.8),
+    "attention-drop": dict(route="attn", labels="cos-global", train_rule="topk", kv_policy="drop"),
+    "modification": dict(route="block", labels="none", train_rule="threshold", kv_policy="drop", gate="mod",
+                         load_alpha=0.01),
     "modification-compute": dict(route="block", labels="cos-global", train_rule="threshold", kv_policy="compute"),
     "mod": dict(route="block", labels="none", train_rule="topk", gate="mod", predictor=True, kv_policy="drop",
                 capacity_start=0.125, capacity_end=0.125),
@@ -29,14 +34,16 @@ METHODS = {
 def routed(flags, sink_tokens=1):
     model = dlo.expand(tiny_model(vocab_size=97), "interleave", n_new=2)
     layers = range(1, model.config.n_layer, 2) if flags.get("gate") == "mod" else ()
-    model = dlo.activate(model, flags["route"], layers=layers, sink_tokens=sink_tokens,
-                         kv_policy=flags.get("kv_policy", "compute"), route_gate=flags.get("gate", "dlo"),
-                         route_predictor=flags.get("predictor", False))
+    if "attn_layers" in flags:
+        layers = model.config.new_layers
+    model = dlo.activate(model, flags["route"], layers=layers, attn_layers=flags.get("attn_layers", ()),
+                         sink_tokens=sink_tokens, kv_policy=flags.get("kv_policy", "compute"),
+                         route_gate=flags.get("gate", "dlo"), route_predictor=flags.get("predictor", False))
     torch.manual_seed(3)
     with torch.no_grad():
         for layer in model.layers:
-            if layer.router is not None:
-                layer.router.weight.normal_(0, 0.5)
+            for router in layer.routers():
+                router.weight.normal_(0, 0.5)
     return model.train()
 
 
@@ -49,7 +56,7 @@ def rows(seed=0, B=4, T=16):
 
 
 def training_rule(flags, model):
-    n = len(model.config.routed_ids())
+    n = len(model.config.route_slots())
     if flags["train_rule"] == "threshold":
         return Rule("threshold", 0.5, similarity=flags["labels"].startswith("cos"))
     caps = torch.full((n,), flags.get("capacity_end", 0.7), dtype=torch.float64)
@@ -77,11 +84,13 @@ def test_bf16_autocast_training_steps_are_finite(name, cuda_autocast_rule):
     model = routed(flags)
     opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
     rule = training_rule(flags, model)
+    sched = part_schedule(model.config.route_slots(), 1.0, 0.7, cfg.attn_capacity_end)
     for step in range(3):
         x, y, valid = rows(step)
-        n_route = int(valid.sum()) * len(model.config.routed_ids())
+        n_route = int(valid.sum()) * len(model.config.route_slots())
         with bf16():
-            loss, lm, _ = micro_loss(model, model, x, y, valid, rule, cfg, 0.8, int((y != -1).sum()), n_route)
+            loss, lm, _ = micro_loss(model, model, x, y, valid, rule, cfg, sched.label_capacity(0),
+                                     int((y != -1).sum()), n_route, groups=sched.groups)
             loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(lm)
         # the residual stream and the router stay fp32 under autocast
@@ -102,7 +111,7 @@ def test_evaluation_and_routed_generation_under_autocast():
     out = evaluate.evaluate(model, Data(), range(4), Rule("threshold", 0.5), 2, "cpu", "bfloat16",
                             labels="cos-global", label_capacity=0.8)
     assert torch.isfinite(torch.tensor(out["val_loss"])) and 0 < out["mlp_frac_infer"] <= 1
-    for method in ("dlo-cos-global", "modification-drop", "mod"):
+    for method in ("dlo-cos-global", "dlo-attn+mlp-drop", "dlo-block-and-attention", "modification", "mod"):
         model = routed(METHODS[method]).eval()
         with bf16():
             tokens = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], 6, rule=model.default_rule())
@@ -135,7 +144,7 @@ def test_attention_takes_the_flash_shape_where_it_can(monkeypatch):
     model(x, y, valid=valid, rule=training_rule(METHODS["dlo-cos-global"], model))
     assert seen and all(s == (True, True) for s in seen)
     seen.clear()
-    model = routed(METHODS["modification-drop"])
+    model = routed(METHODS["modification"])
     model(x, y, valid=valid, rule=Rule("threshold", 0.5))
     assert any(not s[0] for s in seen)    # dropped keys need the mask
 
@@ -146,7 +155,7 @@ def test_compiled_routed_training_step_has_no_graph_break_and_no_recompile():
     tensor, so a new value per step does not recompile."""
     model = routed(METHODS["dlo-cos-global"], sink_tokens=1)
     x, y, valid = rows(3)
-    n = len(model.config.routed_ids())
+    n = len(model.config.route_slots())
     rule = lambda c: Rule("topk", capacity=torch.full((n,), c, dtype=torch.float64), similarity=True)
     explained = torch._dynamo.explain(model)(x, y, valid=valid, rule=rule(0.8), reduction="sum")
     assert explained.graph_break_count == 0 and explained.graph_count == 1
@@ -200,7 +209,7 @@ def test_fused_decode_step_never_waits_on_the_host():
         finally:
             kernels.FORCE_TRITON = False
             kernels.route_mlp_triton = fused
-    assert len(calls) == len(model.config.routed_ids())    # every routed layer took the kernel
+    assert len(calls) == len(model.config.route_slots())    # every routed layer took the kernel
     assert not ops & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
     assert torch.equal(got_ran, want_ran) and 0 < int(got_ran.sum()) < got_ran.numel()
     assert torch.allclose(got, want, atol=1e-4)

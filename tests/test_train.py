@@ -22,14 +22,14 @@ def batch(seed, B=6, T=10):
     return x, y, valid
 
 
-@pytest.mark.parametrize("route", ["mlp", "block"])
+@pytest.mark.parametrize("route", ["mlp", "attn", "attn+mlp", "block"])
 def test_accumulated_micro_batches_equal_one_big_batch(route):
     """Threshold rule + `self` labels do not depend on the batch, so k micro-batches must
     give exactly the loss and gradients of one batch k times as large."""
     cfg = TrainConfig(labels="self", train_rule="threshold")
     rule = Rule("threshold", 0.5)
     x, y, valid = batch(0)
-    n_routed = len(routed_tiny(route).train().config.routed_ids())
+    n_routed = len(routed_tiny(route).train().config.route_slots())
     n_lm, n_route = int((y != -1).sum()), int(valid.sum()) * n_routed
 
     def run(chunks):
