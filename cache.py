@@ -3,8 +3,10 @@ A KV cache that stores only what ran. model.KVCache reserves a slot for every po
 of every layer up front; under routed attention with the "drop" policy a token that
 skips a layer's attention writes nothing there, so here each layer keeps, per batch row,
 only the K/V of the tokens that wrote them, packed in arrival order, and grows a page
-at a time. The bytes allocated follow the routing: a layer whose attention ran for half
-the tokens holds half the K/V, and decoding attends over those alone.
+at a time. Under "window", a token that is not kept is evicted once it falls kv_window
+positions behind, before the cache grows. The bytes allocated follow the routing: a
+layer whose attention ran for half the tokens holds half the K/V, and decoding attends
+over those alone.
 """
 import math
 
@@ -14,17 +16,19 @@ from model import Keys
 
 
 class CompactKVCache:
-    """One layer's written K/V per batch row, packed: k, v (B, nkv, capacity, hs) and each
-    entry's slot (its place in the sequence, for the causal mask; -1 = unused). Capacity
-    grows `page` entries at a time for all rows together, so the bytes allocated are
-    (2 * nkv * hs * element size + 4) * B * page * ceil(longest row / page), the 4 being
-    the int32 slot; `nbytes` counts them."""
+    """One layer's written K/V per batch row, packed: k, v (B, nkv, capacity, hs), each
+    entry's slot (its place in the sequence, for the causal mask; -1 = unused) and, once
+    a write says so, whether it is kept beyond the window. Capacity grows `page` entries
+    at a time for all rows together, so the bytes allocated are
+    (2 * nkv * hs * element size + 4 (+ 1 with kept flags)) * B * page * ceil(longest row / page);
+    `nbytes` counts them."""
 
-    def __init__(self, batch_size, n_kv_head, head_dim, dtype, device, page=256):
-        self.page = page
+    def __init__(self, batch_size, n_kv_head, head_dim, dtype, device, page=256, window=0):
+        self.page, self.window = page, window
         self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.slot = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
+        self.kept = None                                                           # (B, capacity) bool
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)   # entries used per row
 
     def reserve(self, need):
@@ -36,23 +40,48 @@ class CompactKVCache:
         self.k = torch.cat([self.k, self.k.new_zeros(B, nkv, grow, hs)], 2)
         self.v = torch.cat([self.v, self.v.new_zeros(B, nkv, grow, hs)], 2)
         self.slot = torch.cat([self.slot, self.slot.new_full((B, grow), -1)], 1)
+        if self.kept is not None:
+            self.kept = torch.cat([self.kept, self.kept.new_ones(B, grow)], 1)
 
-    def update_rows(self, b, slot, k, v):
-        """Append the K/V rows k, v (N, nkv, hs) of tokens (b, slot) (N,), in ascending order."""
+    def evict(self, next_slot):
+        """Drop the entries no later query sees: not kept, and kv_window or more positions
+        behind next_slot (B,), the earliest query still to come; the rest move to the front."""
+        live = (self.slot >= 0) & (self.kept | (next_slot[:, None] - self.slot < self.window))
+        b, j = live.nonzero(as_tuple=True)
+        counts = live.sum(1)
+        to = torch.arange(j.numel(), device=j.device) - (counts.cumsum(0) - counts)[b]
+        self.k[b, :, to], self.v[b, :, to] = self.k[b, :, j], self.v[b, :, j]
+        self.slot[b, to], self.kept[b, to] = self.slot[b, j], self.kept[b, j]
+        unused = torch.arange(self.slot.size(1), device=j.device)[None] >= counts[:, None]
+        self.slot.masked_fill_(unused, -1)
+        self.kept.masked_fill_(unused, True)
+        self.length = counts
+
+    def update_rows(self, b, slot, k, v, kept=None):
+        """Append the K/V rows k, v (N, nkv, hs) of tokens (b, slot) (N,), in ascending order;
+        kept (N,): whether each stays beyond the window (None: all of them)."""
         counts = torch.bincount(b, minlength=self.length.numel())
+        if kept is not None and self.kept is None:
+            self.kept = torch.ones_like(self.slot, dtype=torch.bool)
+        if self.kept is not None and int((self.length + counts).max()) > self.k.size(2):   # evict before growing
+            # the earliest query of this chunk, per row, still sees kv_window positions back
+            self.evict(torch.zeros_like(self.length).index_reduce_(0, b, slot.long(), "amin", include_self=False))
         within = torch.arange(b.numel(), device=b.device) - (counts.cumsum(0) - counts)[b]
         at = self.length[b] + within
         self.reserve(int((self.length + counts).max()))
         self.k[b, :, at] = k.to(self.k.dtype)   # autocast: bf16 into the cache
         self.v[b, :, at] = v.to(self.v.dtype)
         self.slot[b, at] = slot.to(torch.int32)
+        if self.kept is not None:
+            self.kept[b, at] = True if kept is None else kept
         self.length += counts
-        return Keys(self.k, self.v, self.slot >= 0, self.slot)
+        return Keys(self.k, self.v, self.slot >= 0, self.slot, self.kept)
 
-    def update(self, input_pos, k, v, write):
-        """A chunk's K/V (B, nkv, T, hs) at slots input_pos (T,): the tokens with write (B, T) are stored."""
+    def update(self, input_pos, k, v, write, kept=None):
+        """A chunk's K/V (B, nkv, T, hs) at slots input_pos (T,): the tokens with write (B, T)
+        are stored; kept (B, T) as in update_rows."""
         b, t = write.nonzero(as_tuple=True)
-        return self.update_rows(b, input_pos[t], k[b, :, t], v[b, :, t])
+        return self.update_rows(b, input_pos[t], k[b, :, t], v[b, :, t], None if kept is None else kept[b, t])
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot))
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot, self.kept) if t is not None)

@@ -131,7 +131,7 @@ def run_method(name, args):
     L = model.config.n_layer
     row = {"method": name, "layers": L, "loss_before": before["val_loss"], "eval": after,
            "train": [last_step.get(f"{part}_frac_train", 1.0) * L for part in ("attn", "mlp")],
-           "kv_bytes_per_token": model.kv_bytes_per_token(after["attn_per_layer"]),
+           "kv_bytes_per_token": model.kv_bytes_per_token(after["kv_per_layer"]),
            "train_seconds": time.time() - t0, **ran(model, after, args.seq_len)}
     row["decode_tok_s"] = decode_speed(model, args.decode_tokens) if args.decode_tokens else None
     rows = [row]

@@ -28,7 +28,7 @@ import torch
 
 import weights
 from data import open_split
-from router import (Rule, executed_fraction, executed_map, make_labels, part_schedule, router_agreement,
+from router import (Rule, executed_fraction, executed_map, kept_map, make_labels, part_schedule, router_agreement,
                     select_topk, thresholds_from_topk)
 from tokenizer import load_tokenizer
 from weights import autocast, pick_device, pick_dtype
@@ -57,7 +57,7 @@ def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, la
     model.eval()
     L, n_routed = model.config.n_layer, len(model.config.route_slots())
     sums, counts, agree = [], [], []
-    ran, n_valid, exec_total = torch.zeros(2, L, dtype=torch.float64), 0, torch.zeros(2, dtype=torch.float64)
+    ran, n_valid, exec_total = torch.zeros(3, L, dtype=torch.float64), 0, torch.zeros(2, dtype=torch.float64)
     routed_ran, routable = torch.zeros(n_routed, dtype=torch.float64), torch.zeros(n_routed, dtype=torch.float64)
     with autocast(device, dtype):
         for i in range(0, len(rows), batch_size):
@@ -71,8 +71,9 @@ def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, la
             traces, nv = model.route_trace, int(valid.sum())
             exec_total += torch.tensor(executed_fraction(traces, L, nv), dtype=torch.float64) * nv
             n_valid += nv
-            if traces:
-                ran += executed_map(traces, L)[valid].sum(0).double().T
+            if traces:   # attention and MLP run, K/V kept, per layer
+                maps = torch.cat([executed_map(traces, L), kept_map(traces, L, model.config.kv_policy)[..., None]], -1)
+                ran += maps[valid].sum(0).double().T
             else:   # nothing routed: every real token runs every layer
                 ran += nv
             for slot, t in enumerate(traces):
@@ -84,7 +85,8 @@ def evaluate(model, data, rows, rule, batch_size, device, dtype, labels=None, la
     loss, se = row_stats(sums, counts)
     out = {"val_loss": loss, "val_se": se, "attn_frac_infer": float(exec_total[0]) / n_valid,
            "mlp_frac_infer": float(exec_total[1]) / n_valid, "attn_per_layer": (ran[0] / n_valid).tolist(),
-           "mlp_per_layer": (ran[1] / n_valid).tolist(), "routed_frac": (routed_ran / routable.clamp(min=1)).tolist(),
+           "mlp_per_layer": (ran[1] / n_valid).tolist(), "kv_per_layer": (ran[2] / n_valid).tolist(),
+           "routed_frac": (routed_ran / routable.clamp(min=1)).tolist(),
            "row_sums": sums, "row_counts": counts}
     if agree:
         out["router_agree"], out["router_bce"] = (float(np.mean([a[i] for a in agree])) for i in (0, 1))

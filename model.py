@@ -12,8 +12,9 @@ can each carry a router that skips work per token.
   attention mask where a causal one is exact; the LM head only where a target is; FLOP
   and KV-byte estimators that count skipped work
 """
+import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -26,13 +27,14 @@ from router import Router, Rule, Trace, add_selected, dlo_gate, layer_threshold,
 # positions per lm_head call in the loss: LOSS_CHUNK x vocab fp32 logits alive (805 MB for SmolLM2)
 LOSS_CHUNK = 4096
 # the config's choices; train.py's flags take theirs from here
-CHOICES = {"arch": ("llama", "gpt2"), "route": ("none", "mlp", "attn", "attn+mlp", "block"),
-           "kv_policy": ("compute", "drop"), "route_gate": ("dlo", "mod")}
+CHOICES = {"arch": ("llama", "gpt2"), "route": ("none", "mlp", "attn", "attn+mlp", "block", "kv"),
+           "kv_policy": ("compute", "drop", "window"), "route_gate": ("dlo", "mod")}
 # rules that decide one token at a time, so batch-1 decode can take Block.route_one
 ONE_TOKEN_RULES = ("threshold", "all", "random", "static")
-# what one router skips: a routed layer has one part ("mlp", "attn" or "block") or two
-# ("attn+mlp": attention and MLP each with its own router, as SkipGPT, arXiv 2506.04179)
-PARTS = {"mlp": ("mlp",), "attn": ("attn",), "attn+mlp": ("attn", "mlp"), "block": ("block",)}
+# what one router decides: a routed layer has one part ("mlp", "attn", "block", or "kv": whose
+# K/V stays beyond the window) or two ("attn+mlp": each with its own router, as SkipGPT,
+# arXiv 2506.04179)
+PARTS = {"mlp": ("mlp",), "attn": ("attn",), "attn+mlp": ("attn", "mlp"), "block": ("block",), "kv": ("kv",)}
 
 
 @dataclass
@@ -51,7 +53,7 @@ class GPTConfig:
     bias: bool = False
     # depth scaling and routing
     new_layers: tuple = ()            # indices of layers added by expansion (dlo.py)
-    route: str = "none"               # what the routers of routed_layers skip: "mlp", "attn", "attn+mlp", "block"
+    route: str = "none"               # what routed_layers' routers decide: "mlp", "attn", "attn+mlp", "block", "kv"
     routed_layers: tuple = ()         # which layers carry route's routers; () = all of them
     attn_routed_layers: tuple = ()    # other layers whose attention alone is routed
     route_gate: str = "dlo"           # "dlo": g(p) = 1 + gap (p - 0.5); "mod": the block output times p
@@ -59,7 +61,8 @@ class GPTConfig:
     route_threshold: object = 0.5     # inference: run iff p >= this; or one (calibrated) per routed part
     route_sink_tokens: int = 0        # the first r positions of every row run every routed part
     route_predictor: bool = False     # MoD's auxiliary causal predictor decides at inference
-    kv_policy: str = "compute"        # routed attention: skipped tokens still write K/V, or "drop" them
+    kv_policy: str = "compute"        # a skipped attention still writes K/V; "drop": none; "window": seen kv_window on
+    kv_window: int = 64               # "window": positions after a token that still see its K/V if it is not kept
     frozen_layers: tuple = ()         # LLaMA Pro: originals get no gradient
 
     def __post_init__(self):
@@ -76,6 +79,8 @@ class GPTConfig:
         both = set(self.routed_ids()) & set(self.attn_routed_layers)
         if both:
             raise ValueError(f"layers {sorted(both)} are both in routed_layers and attn_routed_layers")
+        if self.route == "kv" and (self.kv_policy != "window" or self.attn_routed_layers):
+            raise ValueError('routing K/V retention (route "kv") needs kv_policy "window" and no other routed parts')
         if isinstance(self.route_threshold, (list, tuple)):
             self.route_threshold = tuple(float(t) for t in self.route_threshold)
             if len(self.route_threshold) != len(self.route_slots()):
@@ -135,15 +140,17 @@ class Keys(NamedTuple):
     """Every key and value a chunk's queries may attend to."""
     k: torch.Tensor       # (B, nkv, S, hs)
     v: torch.Tensor       # (B, nkv, S, hs)
-    valid: torch.Tensor   # (B, S): written by a real token that ran this attention
+    valid: torch.Tensor   # (B, S): written by a real token
     slot: torch.Tensor    # (S,) or (B, S): each key's place in the sequence, for the causal mask
+    kept: Optional[torch.Tensor] = None   # (B, S) under "window": seen beyond the window; None: all are
 
 
 class KVCache(nn.Module):
     """Static K/V buffers plus a `valid` flag per slot. A slot is valid once a real
     token that ran this layer's attention wrote it; padding and, under the `drop`
-    policy, skipped tokens never become valid, so nobody attends to them. Every slot
-    is reserved up front; cache.CompactKVCache stores only what is written."""
+    policy, skipped tokens never become valid, so nobody attends to them. Under
+    "window", each slot also says whether later queries beyond the window see it. Every
+    slot is reserved up front; cache.CompactKVCache stores only what is written."""
 
     def __init__(self, batch_size, max_seq, n_kv_head, head_dim, dtype, device):
         super().__init__()
@@ -152,13 +159,17 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("valid", torch.zeros(shape[0], max_seq, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("slot", torch.arange(max_seq, device=device), persistent=False)
+        self.kept = None   # made on the first write that says who is kept
 
-    def update(self, input_pos, k, v, write):  # input_pos (T,), k/v (B, nkv, T, hs), write (B, T)
+    def update(self, input_pos, k, v, write, kept=None):  # input_pos (T,), k/v (B, nkv, T, hs), write (B, T)
         keep = write[:, None, :, None]
         self.k[:, :, input_pos] = k.masked_fill(~keep, 0).to(self.k.dtype)   # autocast: bf16 into the cache
         self.v[:, :, input_pos] = v.masked_fill(~keep, 0).to(self.v.dtype)
         self.valid[:, input_pos] = write
-        return Keys(self.k, self.v, self.valid, self.slot)
+        if kept is not None:
+            self.kept = torch.ones_like(self.valid) if self.kept is None else self.kept
+            self.kept[:, input_pos] = kept
+        return Keys(self.k, self.v, self.valid, self.slot, self.kept)
 
     def update_rows(self, b, slot, k, v):  # only the tokens (b, slot) (N,) write: k/v (N, nkv, hs)
         self.k[b, :, slot] = k.to(self.k.dtype)   # a slot starts invalid and is written once
@@ -167,7 +178,8 @@ class KVCache(nn.Module):
         return Keys(self.k, self.v, self.valid, self.slot)
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.valid, self.slot))
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.valid, self.slot, self.kept)
+                   if t is not None)
 
 
 def attend(q, k, v, mask):
@@ -185,10 +197,21 @@ def attend(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
 
 
-def attend_rows(q, b, slot, keys):
+def key_mask(q_slot, keys, window):
+    """(B, M, S): which keys each query at q_slot (B or 1, M) sees: valid ones at or before
+    it and, under "window", kept ones or those fewer than `window` positions back. A query
+    always sees itself, so a row is never empty (padding, dropped tokens)."""
+    key_slot, q = keys.slot.view(-1, 1, keys.slot.size(-1)), q_slot[..., None]
+    mask = (key_slot <= q) & keys.valid[:, None, :]
+    if keys.kept is not None:
+        mask = mask & (keys.kept[:, None, :] | (q - key_slot < window))
+    return mask | (key_slot == q)
+
+
+def attend_rows(q, b, slot, keys, window):
     """Attention for N query rows q (N, nh, hs) of batch rows b (N,) sitting at slots
-    `slot` (N,), over every valid, not later key of `keys`. The queries are packed per
-    batch row, (B, M) with M the most any row has. Returns (N, nh * hs)."""
+    `slot` (N,), over the keys key_mask lets them see. The queries are packed per batch
+    row, (B, M) with M the most any row has. Returns (N, nh * hs)."""
     B, (N, nh, hs) = keys.k.size(0), q.shape
     if B == 1:
         m, packed, q_slot = torch.arange(N, device=q.device), q[None], slot[None]
@@ -198,17 +221,32 @@ def attend_rows(q, b, slot, keys):
         M = int(counts.max())
         packed = q.new_zeros(B, M, nh, hs).index_put((b, m), q)
         q_slot = torch.full((B, M), -1, dtype=torch.long, device=q.device).index_put((b, m), slot)
-    key_slot = keys.slot.view(-1, 1, keys.slot.size(-1))                  # (B or 1, 1, S)
-    mask = (key_slot <= q_slot[..., None]) & keys.valid[:, None, :]       # (B, M, S)
-    mask = mask | (q_slot < 0)[..., None]                                  # padding queries: unread
-    y = attend(packed.transpose(1, 2), keys.k, keys.v, mask)                # (B, nh, M, hs)
+    mask = key_mask(q_slot, keys, window) | (q_slot < 0)[..., None]    # (B, M, S); padding queries: unread
+    y = attend(packed.transpose(1, 2), keys.k, keys.v, mask)            # (B, nh, M, hs)
     return y.transpose(1, 2)[b, m].reshape(N, nh * hs)
+
+
+@torch.no_grad()
+def received_attention(q, keys, window):
+    """The labels of K/V retention: per key (B, S), the mean attention probability it gets
+    (over heads) from the queries at least `window` positions later, with every key kept,
+    and whether any such query exists. A key that such queries attend to is worth keeping
+    (the heavy hitters of H2O, arXiv 2306.14048, section 3); nearer queries see it anyway."""
+    repeat = q.size(1) // keys.k.size(1)
+    k = keys.k.float().repeat_interleave(repeat, 1)
+    q_slot = torch.arange(q.size(2), device=q.device)[None]
+    causal = key_mask(q_slot, keys._replace(kept=None), window)                      # (B, T, S)
+    scores = (q.float() @ k.transpose(-1, -2)) / q.size(-1) ** 0.5
+    probs = scores.masked_fill(~causal[:, None], -math.inf).softmax(-1).mean(1)      # (B, T, S)
+    far = causal & (q_slot[..., None] - keys.slot.view(-1, 1, keys.slot.size(-1)) >= window)
+    return (probs * far).sum(1) / far.sum(1).clamp(min=1), far.any(1)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.window = cfg.kv_window
         self.sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
         # q, k and v in one matmul (gpt-fast's wqkv): rows [q | k | v]; weights.py converts
         self.qkv_proj = nn.Linear(cfg.n_embd, sum(self.sizes), bias=cfg.bias)
@@ -224,12 +262,12 @@ class Attention(nn.Module):
         t = t.view(t.size(0), n, self.head_dim)
         return t if rope is None else apply_rope(t, rope[0][:, None], rope[1][:, None])
 
-    def store(self, k, v, input_pos, write):
+    def store(self, k, v, input_pos, write, kept=None):
         """Caches the chunk's K/V when decoding (input_pos given); returns every key and value
         this chunk may attend to, with their validity."""
         if input_pos is None:
-            return Keys(k, v, write, torch.arange(k.size(2), device=k.device))
-        return self.kv_cache.update(input_pos, k, v, write)
+            return Keys(k, v, write, torch.arange(k.size(2), device=k.device), kept)
+        return self.kv_cache.update(input_pos, k, v, write, kept)
 
     def store_rows(self, k, v, b, t, input_pos, shape):
         """store for the rows (b, t) alone, k/v (N, nkv, hs): the other tokens write nothing."""
@@ -241,38 +279,41 @@ class Attention(nn.Module):
         written[b, t] = True
         return Keys(keys, values, written, torch.arange(shape[1], device=k.device))
 
-    def forward(self, x, rope, input_pos, write, causal_only):
-        """write (B, T): which tokens of x store K/V that others may attend to.
+    def forward(self, x, rope, input_pos, write, causal_only, kept=None, received=False):
+        """write (B, T): which tokens of x store K/V that others may attend to; kept (B, T):
+        under "window", which of them queries beyond the window still see.
         causal_only: no cache and every real key precedes the padding, so a causal mask
-        alone is exact for every real query (padded queries attend to padding, unread)."""
+        alone is exact for every real query (padded queries attend to padding, unread).
+        received: also return received_attention's labels."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = self.heads(q, self.n_head, rope)                                        # (B, nh, T, hs)
-        keys = self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head, None), input_pos, write)
+        keys = self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head, None), input_pos,
+                          write, kept)
         mask = None
-        if not causal_only:
-            key_slot = keys.slot.view(-1, 1, keys.slot.size(-1))                      # (B or 1, 1, S)
-            query_pos = (torch.arange(T, device=x.device) if input_pos is None else input_pos)[:, None]   # (T, 1)
-            # a query always sees itself, so a row is never empty (padding, dropped tokens)
-            mask = ((key_slot <= query_pos) & keys.valid[:, None, :]) | (key_slot == query_pos)   # (B, T, S)
-        y = attend(q, keys.k, keys.v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if not causal_only or kept is not None:
+            mask = key_mask((torch.arange(T, device=x.device) if input_pos is None else input_pos)[None], keys,
+                            self.window)
+        y = self.o_proj(attend(q, keys.k, keys.v, mask).transpose(1, 2).reshape(B, T, -1))
+        return (y, received_attention(q, keys, self.window)) if received else y
 
-    def routed(self, x, norm, rope, input_pos, valid, drop):
-        """Routed attention, x (B, T, C) the block input and norm its input norm. Returns
-        rows(idx): the attention output (N, C) of the flat token indices idx, the queries
-        that run. Under "compute" every real token writes K/V first (one matmul, also when
-        no query runs); under "drop" only the queries write theirs, and the other tokens
-        cost nothing: no norm, no projection, no cache slot anyone attends to."""
+    def routed(self, x, norm, rope, input_pos, valid, policy, sel):
+        """Routed attention, x (B, T, C) the block input, norm its input norm, sel (B, T) the
+        tokens whose queries run. Returns rows(idx): the attention output (N, C) of the flat
+        token indices idx (those queries). Under "compute" and "window" every real token
+        writes K/V first (one matmul, also when no query runs; under "window" the others'
+        only for the next kv_window positions); under "drop" only the queries write theirs,
+        and the other tokens cost nothing: no norm, no projection, no cache slot at all."""
         B, T, C = x.shape
         flat, q_size = x.reshape(B * T, C), self.sizes[0]
         w, bias = self.qkv_proj.weight, self.qkv_proj.bias
         angles = None if rope is None else [r.reshape(B * T, -1) for r in rope]     # (B * T, hs) each
+        drop = policy == "drop"
         if not drop:
             normed = norm(x)
             k, v = F.linear(normed, w[q_size:], None if bias is None else bias[q_size:]).split(self.sizes[1:], -1)
             keys = self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head, None),
-                              input_pos, valid)
+                              input_pos, valid, sel if policy == "window" else None)
 
         def rows(idx):
             b, t = idx // T, idx % T
@@ -285,7 +326,7 @@ class Attention(nn.Module):
                 q = F.linear(normed.reshape(B * T, C)[idx], w[:q_size], None if bias is None else bias[:q_size])
                 written = keys
             slot = t if input_pos is None else input_pos[t]
-            return self.o_proj(attend_rows(self.rows(q, self.n_head, at), b, slot, written))
+            return self.o_proj(attend_rows(self.rows(q, self.n_head, at), b, slot, written, self.window))
         return rows
 
 
@@ -322,7 +363,8 @@ class Block(nn.Module):
     """A pre-norm Llama block. Its kind (GPTConfig.layer_route) says what its routers skip:
     "" nothing, "mlp" (DLO's "ExAttn": attention runs for every token), "attn", "attn+mlp"
     (two routers, each part decided on its own) or "block" (attention and MLP together).
-    `router` decides the MLP or the whole block, `attn_router` the attention."""
+    `router` decides the MLP or the whole block, `attn_router` the attention or, for "kv",
+    whose K/V stays in the cache beyond the window."""
 
     def __init__(self, cfg, index=0):
         super().__init__()
@@ -333,7 +375,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         parts = PARTS.get(self.kind, ())
         self.router = Router(cfg.n_embd, cfg.route_predictor) if {"mlp", "block"} & set(parts) else None
-        self.attn_router = Router(cfg.n_embd, cfg.route_predictor) if "attn" in parts else None
+        self.attn_router = Router(cfg.n_embd, cfg.route_predictor) if {"attn", "kv"} & set(parts) else None
 
     def routers(self):
         return [r for r in (self.attn_router, self.router) if r is not None]
@@ -343,6 +385,9 @@ class Block(nn.Module):
 
     def forward(self, x, ctx, slot):
         """Returns the block output and the router.Trace of each routed part, in slot order."""
+        if self.kind == "kv":
+            h, trace = self.retain(x, ctx, slot)
+            return h + self.mlp(self.post_attention_layernorm(h)), [trace]
         if self.kind == "block":
             out, trace = self.route(self.router, "block", x, x, ctx, slot, self.block_rows)
             return out, [trace]
@@ -388,8 +433,9 @@ class Block(nn.Module):
         else:
             run = sink or bool(select(reads.new_zeros(1, 1), ctx.routable, ctx.valid, rule, slot))
         if not run:
-            if part != "mlp" and self.cfg.kv_policy == "compute":   # the context stays complete
-                self.self_attn.routed(base, self.input_layernorm, ctx.rope, ctx.input_pos, ctx.valid, drop=False)
+            if part != "mlp" and self.cfg.kv_policy != "drop":   # its K/V still written
+                self.self_attn.routed(base, self.input_layernorm, ctx.rope, ctx.input_pos, ctx.valid,
+                                      self.cfg.kv_policy, ~ctx.valid)
             logit = reads.new_zeros(1, 1, dtype=torch.float32) if logit is None else logit
             return base, Trace(self.index, logit, ~ctx.valid, ctx.valid, ctx.routable, part=part)
         logit = router(reads) if logit is None else logit
@@ -410,13 +456,29 @@ class Block(nn.Module):
     def attn_rows(self, x, ctx, sel):
         """The attention branch. The selected tokens' rows run alone (Attention.routed); the
         labels' dense pass runs every token as a query, each attending to the tokens that
-        wrote K/V (under "drop", the selected ones) and to itself."""
-        drop = self.cfg.kv_policy == "drop"
+        wrote K/V (under "drop", the selected ones; under "window", the selected ones and
+        the last kv_window positions) and to itself."""
+        policy = self.cfg.kv_policy
         if ctx.rule.similarity:
-            a = self.self_attn(self.input_layernorm(x), ctx.rope, ctx.input_pos, sel if drop else ctx.valid,
-                               ctx.causal_only and not drop)
+            a = self.self_attn(self.input_layernorm(x), ctx.rope, ctx.input_pos, sel if policy == "drop" else ctx.valid,
+                               ctx.causal_only and policy == "compute", kept=sel if policy == "window" else None)
             return lambda idx: a.reshape(-1, a.size(-1))[idx]
-        return self.self_attn.routed(x, self.input_layernorm, ctx.rope, ctx.input_pos, ctx.valid, drop)
+        return self.self_attn.routed(x, self.input_layernorm, ctx.rope, ctx.input_pos, ctx.valid, policy, sel)
+
+    def retain(self, x, ctx, slot):
+        """K/V retention ("kv"): every token's attention runs, and the router decides whose
+        K/V the queries beyond the kv_window still see, so a cache that evicts the others
+        holds only the kept ones (cache.CompactKVCache). The labels rank tokens by the
+        attention far queries would give them; the router learns from them alone (no gate)."""
+        logit = self.attn_router(x)
+        sel = select(logit, ctx.routable, ctx.valid, ctx.rule, slot)
+        a = self.self_attn(self.input_layernorm(x), ctx.rope, ctx.input_pos, ctx.valid, ctx.causal_only, kept=sel,
+                           received=ctx.rule.similarity)
+        sim, labelled = None, ctx.routable
+        if ctx.rule.similarity:   # low = worth keeping; only keys that some far query sees get a label
+            a, (mass, far) = a
+            sim, labelled = -mass, ctx.routable & far
+        return x + a, Trace(self.index, logit, sel, ctx.valid, labelled, sim, None, "kv")
 
     def block_rows(self, x, ctx, sel):
         attn, flat = self.attn_rows(x, ctx, sel), x.reshape(-1, x.size(-1))
@@ -548,16 +610,16 @@ class GPT(nn.Module):
     def flops_per_token(self, attn=None, mlp=None, context=1024):
         """Estimated forward FLOPs per token. attn, mlp: per layer, the fraction of tokens
         that ran its attention and its MLP (None = all). A skipped attention still projects
-        K/V under "compute". Embedding lookups are free; the LM head is not."""
+        K/V under "compute" and "window". Embedding lookups are free; the LM head is not."""
         cfg = self.config
         a, m, kv_proj = self.layer_flops(context)
-        skipped = kv_proj if cfg.kv_policy == "compute" else 0
+        skipped = 0 if cfg.kv_policy == "drop" else kv_proj
         attn, mlp = attn or [1.0] * cfg.n_layer, mlp or [1.0] * cfg.n_layer
         return 2 * cfg.n_embd * cfg.vocab_size + sum(fa * a + (1 - fa) * skipped + fm * m for fa, fm in zip(attn, mlp))
 
-    def kv_bytes_per_token(self, attn=None):
-        """K/V bytes stored per token: under "drop", a layer stores only the tokens that ran
-        its attention (attn: per layer, their fraction)."""
+    def kv_bytes_per_token(self, kept=None):
+        """K/V bytes stored per token at long context: kept, per layer, the fraction of tokens
+        whose K/V the layer keeps (evaluate's kv_per_layer; None = all)."""
         cfg = self.config
         per_layer = 2 * cfg.n_kv_head * cfg.head_dim * self.embed_tokens.weight.element_size()
-        return per_layer * (sum(attn) if cfg.kv_policy == "drop" and attn is not None else cfg.n_layer)
+        return per_layer * (cfg.n_layer if kept is None else sum(kept))

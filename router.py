@@ -332,7 +332,7 @@ def executed_fraction(traces, n_layer, n_valid):
     return tuple(float(n_layer * n_valid - skipped[part]) / total for part in ("attn", "mlp"))
 
 
-PART_SKIPS = {"mlp": ("mlp",), "attn": ("attn",), "block": ("attn", "mlp")}
+PART_SKIPS = {"mlp": ("mlp",), "attn": ("attn",), "block": ("attn", "mlp"), "kv": ()}   # "kv" skips no compute
 
 
 def executed_map(traces, n_layer):
@@ -344,6 +344,18 @@ def executed_map(traces, n_layer):
         for part in PART_SKIPS[t.part]:
             ran[..., t.layer, ("attn", "mlp").index(part)] = t.sel
     return ran
+
+
+def kept_map(traces, n_layer, kv_policy):
+    """(B, T, n_layer) bool: does the layer keep the token's K/V for every later query? Not
+    when its attention skipped under "drop" or "window", nor when K/V retention ("kv")
+    left it out (the last kv_window positions still see it)."""
+    ref = traces[0].valid
+    kept = torch.ones(*ref.shape, n_layer, dtype=torch.bool, device=ref.device)
+    for t in traces:
+        if t.part == "kv" or (t.part in ("attn", "block") and kv_policy != "compute"):
+            kept[..., t.layer] = t.sel
+    return kept
 
 
 # ---- capacity schedule ---------------------------------------------------------------

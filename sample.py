@@ -78,10 +78,11 @@ def kv_caches(model, batch_size, max_seq, page=0):
     """A KV cache in every attention while the block runs. The static one (model.KVCache),
     gpt-fast style: its shapes never change, so a compiled decode step is traced once.
     page > 0: cache.CompactKVCache, which stores only the tokens that ran each attention
-    and grows `page` entries at a time."""
+    (under "window", evicts those not kept) and grows `page` entries at a time."""
     w, cfg = model.embed_tokens.weight, model.config
     for layer in model.layers:
-        layer.self_attn.kv_cache = (CompactKVCache(batch_size, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device, page)
+        layer.self_attn.kv_cache = (CompactKVCache(batch_size, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device, page,
+                                                   cfg.kv_window)
                                     if page else
                                     KVCache(batch_size, max_seq, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device))
     try:

@@ -62,13 +62,14 @@ class TrainConfig:
     drop: str = ""                  # comma-separated layers to remove
     shortgpt_drop: int = 0          # ShortGPT: remove this many lowest-Block-Influence layers
     # routing (router.py)
-    route: str = "mlp"              # what --routed layers skip: none, mlp (DLO default), attn, attn+mlp, block
+    route: str = "mlp"              # what --routed layers skip: none, mlp (DLO), attn, attn+mlp, block; kv: K/V kept
     routed: str = "new"             # new (inserted layers only), all, every-other, or "i,j,..."
     attn_routed: str = ""           # other layers whose attention alone is routed: "rest" (all others) or "i,j,..."
     dense_first: int = 0            # keep this many first layers dense (never routed)
     dense_last: int = 0             # keep this many last layers dense
     sink_tokens: int = 1            # the first r positions of every row always run
-    kv_policy: str = "compute"      # routed attention: skipped tokens write K/V (compute) or not (drop)
+    kv_policy: str = "compute"      # a skipped attention still writes K/V (compute), none (drop), or for a window
+    kv_window: int = 64             # window: the next positions still see a skipped (or not kept) token's K/V
     gate: str = "dlo"               # dlo: g(p) = 1 + gap (p - 0.5); mod: output times p
     train_rule: str = "topk"        # topk (DLO) or threshold (MoDification)
     threshold: float = 0.5          # threshold rule in training; inference before calibration
@@ -194,8 +195,8 @@ def build_model(cfg, calibration):
             which = rest if cfg.attn_routed == "rest" else int_list(cfg.attn_routed)
             attn_layers = dlo.routed_layers(model.config, which, cfg.dense_first, cfg.dense_last)
         model = dlo.activate(model, "none" if not layers else cfg.route, layers=layers, attn_layers=attn_layers,
-                             sink_tokens=cfg.sink_tokens, kv_policy=cfg.kv_policy, route_gate=cfg.gate,
-                             route_threshold=cfg.threshold, route_predictor=cfg.predictor)
+                             sink_tokens=cfg.sink_tokens, kv_policy=cfg.kv_policy, kv_window=cfg.kv_window,
+                             route_gate=cfg.gate, route_threshold=cfg.threshold, route_predictor=cfg.predictor)
     return model
 
 
@@ -282,7 +283,7 @@ def micro_loss(model, inner, x, y, valid, rule, cfg, label_capacity, n_lm, n_rou
 # the flags that decide the model's shape: a resume must not change them
 ARCHITECTURE_FLAGS = ("init_from", "drop", "shortgpt_drop", "placement", "n_new", "every_k", "trim", "after",
                       "init", "freeze_original", "route", "routed", "attn_routed", "dense_first", "dense_last",
-                      "sink_tokens", "kv_policy", "gate", "predictor")
+                      "sink_tokens", "kv_policy", "kv_window", "gate", "predictor")
 
 
 def check_same_architecture(cfg, saved, path):

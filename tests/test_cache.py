@@ -10,10 +10,12 @@ from sample import kv_caches
 
 
 @pytest.mark.parametrize("route,policy", [("none", "compute"), ("attn", "drop"), ("attn", "compute"),
-                                          ("attn+mlp", "drop"), ("block", "drop")])
+                                          ("attn+mlp", "drop"), ("block", "drop"), ("attn", "window"),
+                                          ("kv", "window")])
 @pytest.mark.parametrize("page", [1, 4, 256])
 def test_compact_cache_decode_equals_full_forward(route, policy, page):
-    model = tiny_model() if route == "none" else routed_tiny(route, kv_policy=policy, sink_tokens=1)
+    """Also under "window", where tokens not kept are evicted as the cache grows."""
+    model = tiny_model() if route == "none" else routed_tiny(route, kv_policy=policy, kv_window=3, sink_tokens=1)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 14)]
     rule = Rule(kind="threshold", threshold=0.5)
@@ -41,3 +43,23 @@ def test_compact_cache_allocates_what_the_policy_says(page):
             want = 2 * math.ceil(int(stored.max()) / page) * page * per_entry
             assert layer.self_attn.kv_cache.nbytes() == want
             assert torch.equal((layer.self_attn.kv_cache.slot >= 0).sum(1), stored)
+
+
+def test_window_eviction_keeps_the_kept_tokens_and_the_window():
+    """Decoding token by token with K/V retention: a layer holds its kept tokens, the last
+    kv_window positions and at most a page more, never the whole sequence."""
+    window, page = 3, 2
+    model = routed_tiny("kv", kv_policy="window", kv_window=window, sink_tokens=1)
+    prompt = torch.randint(0, 97, (1, 40)).tolist()[0]
+    with kv_caches(model, 1, 40, page) as m:
+        for t in range(40):
+            m(torch.tensor([[prompt[t]]]), input_pos=torch.tensor([t]), positions=torch.tensor([[t]]),
+              rule=Rule("threshold", 0.5))
+        for layer in m.layers:
+            cache = layer.self_attn.kv_cache
+            live = cache.slot[0] >= 0
+            kept = int((live & cache.kept[0]).sum())
+            assert int(live.sum()) <= kept + window + page < 40
+            recent = cache.slot[0][live & ~cache.kept[0]]
+            assert recent.numel() == 0 or int(recent.min()) > 39 - window - page
+            assert cache.nbytes() == cache.k.size(2) * (2 * 2 * 8 * 4 + 4 + 1)

@@ -96,12 +96,15 @@ def test_impossible_expansions_are_clear_errors():
         dlo.expand(model, "interleave", n_new=1, init="ones")
 
 
-@pytest.mark.parametrize("route", ["mlp", "attn", "attn+mlp", "block"])
-@pytest.mark.parametrize("policy", ["compute", "drop"])
+@pytest.mark.parametrize("route", ["mlp", "attn", "attn+mlp", "block", "kv"])
+@pytest.mark.parametrize("policy", ["compute", "drop", "window"])
 def test_routing_every_token_equals_dense(route, policy):
+    if route == "kv" and policy != "window":
+        pytest.skip("K/V retention needs the window policy")
     dense = dlo.expand(tiny_model(), "interleave", n_new=2)
-    routed = dlo.activate(dense, route, kv_policy=policy, layers=dense.config.new_layers,
-                          attn_layers=[i for i in range(6) if i not in dense.config.new_layers])
+    others = [] if route == "kv" else [i for i in range(6) if i not in dense.config.new_layers]
+    routed = dlo.activate(dense, route, kv_policy=policy, kv_window=2, layers=dense.config.new_layers,
+                          attn_layers=others)
     idx = torch.randint(0, 97, (3, 11))
     want = logits(dense, idx)
     assert (logits(routed, idx, ALL) - want).abs().max() < 1e-5          # top-k at init keeps all (ties)

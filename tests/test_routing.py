@@ -17,14 +17,16 @@ ROUTINGS = [("mlp", {}), ("attn", {}), ("attn+mlp", {}), ("block", {}),
             ("block", {"layers": [1, 3], "attn_layers": [0, 2]})]   # inserted blocks whole, attention elsewhere
 
 
-@pytest.mark.parametrize("route,layers", ROUTINGS)
-@pytest.mark.parametrize("policy", ["compute", "drop"])
+@pytest.mark.parametrize("route,layers", ROUTINGS + [("kv", {})])
+@pytest.mark.parametrize("policy", ["compute", "drop", "window"])
 @pytest.mark.parametrize("lengths", [(9, 21, 14), (21,)])
 def test_cached_decode_equals_full_forward_with_routing(route, layers, policy, lengths):
     """Prefill then token-by-token decode of a ragged batch, or of one prompt (whose
     decode steps take Block.route_one), gives the logits of the full forward of each
-    prompt alone, whatever is routed and whichever KV policy."""
-    model = routed_tiny(route, kv_policy=policy, sink_tokens=1, **layers)
+    prompt alone, whatever is routed and whichever KV policy (a window of 4 positions)."""
+    if route == "kv" and policy != "window":
+        pytest.skip("K/V retention needs the window policy")
+    model = routed_tiny(route, kv_policy=policy, kv_window=4, sink_tokens=1, **layers)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
     rule = Rule(kind="threshold", threshold=0.5)
@@ -36,12 +38,12 @@ def test_cached_decode_equals_full_forward_with_routing(route, layers, policy, l
 
 
 @pytest.mark.parametrize("route,layers", ROUTINGS[1:])
-@pytest.mark.parametrize("policy", ["compute", "drop"])
+@pytest.mark.parametrize("policy", ["compute", "drop", "window"])
 def test_gathered_attention_equals_the_masked_dense_pass(route, layers, policy):
     """The selected tokens' attention, run alone (gathered queries; under drop their K/V
     only), equals the labels' dense pass over every token, whose skipped rows are discarded:
     in training and evaluation (no cache), right-padded rows included."""
-    model = routed_tiny(route, kv_policy=policy, sink_tokens=1, **layers)
+    model = routed_tiny(route, kv_policy=policy, kv_window=4, sink_tokens=1, **layers)
     g = torch.Generator().manual_seed(4)
     idx = torch.randint(0, 97, (3, 13), generator=g)
     valid = torch.arange(13)[None] < torch.tensor([[13], [7], [10]])
@@ -49,6 +51,49 @@ def test_gathered_attention_equals_the_masked_dense_pass(route, layers, policy):
         sparse, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5))
         dense, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5, similarity=True))
     assert (sparse - dense)[valid].abs().max() < 1e-5
+
+
+def test_window_policy_hides_unkept_keys_beyond_the_window():
+    """Under "window", a later query sees a token that skipped (or is not kept) only while
+    fewer than kv_window positions separate them: perturbing that token's value at the
+    last layer moves its output and the next two, and no later one."""
+    model = dlo.activate(tiny_model(n_layer=2), "kv", layers=[1], kv_policy="window", kv_window=3)
+    with torch.no_grad():
+        model.layers[1].attn_router.weight.normal_(0, 0.5)
+    idx = torch.randint(0, 97, (1, 16))
+    model(idx)
+    kept = model.route_trace[0].sel[0]
+    j = int((~kept[:8]).nonzero()[0, 0])          # a token that is not kept, with many after it
+    attn = model.layers[1].self_attn
+    original = attn.qkv_proj.forward
+
+    def perturbed(x):
+        out = original(x).clone()
+        out[:, j, -attn.sizes[2]:] += 5.0
+        return out
+
+    with torch.no_grad():
+        base = model(idx)[0]
+        attn.qkv_proj.forward = perturbed
+        moved = model(idx)[0]
+        attn.qkv_proj.forward = original
+    changed = (moved - base).abs().amax(-1)[0] > 1e-6
+    assert changed[j:j + 3].all() and not changed[j + 3:].any() and not changed[:j].any()
+
+
+@torch.no_grad()
+def test_retention_labels_are_the_attention_far_queries_give():
+    """received_attention: a key that every far query attends to gets the most mass; keys
+    with no query kv_window or more positions later get no label."""
+    from model import Keys, received_attention
+    T, window = 8, 3
+    k = torch.zeros(1, 1, T, 4)
+    k[0, 0, 2] = torch.tensor([4.0, 0, 0, 0])      # key 2 matches every query
+    q = torch.tensor([1.0, 0, 0, 0]).expand(1, 2, T, 4)
+    keys = Keys(k, k, torch.ones(1, T, dtype=torch.bool), torch.arange(T))
+    mass, far = received_attention(q, keys, window)
+    assert far[0].tolist() == [True] * (T - window) + [False] * window
+    assert int(mass[0].argmax()) == 2 and mass[0, 2] > 0.5 and (mass[0, T - window:] == 0).all()
 
 
 @pytest.mark.parametrize("route", ["attn", "attn+mlp", "block"])
