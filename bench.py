@@ -2,18 +2,24 @@
 Speed of our model against HF transformers on the same weights, and of routed against
 dense models, measured side by side in one run: every ratio comes from one process.
 
-    python bench.py              # decode, training step, bf16, perplexity: ~5 minutes on a 2-core CPU
-    python bench.py --compile    # + the compiled decode step, and its compile time
+    python bench.py                    # decode, training step, perplexity (README: minutes per CPU kind)
+    python bench.py --dtype float32    # no bf16 rows: what a CPU without native bf16 runs
+    python bench.py --compile          # + the compiled decode step, and its compile time
+    python bench.py --long 1024,2048,4096,8192 --models out/a/ckpt.pt,out/b/ckpt.pt --labels base,a,b
 
 Sections
-- Hamlet perplexity, fp32 and bf16 weights
+- Hamlet perplexity, fp32 (and bf16) weights
 - greedy decode at batch 1: ours fp32 (and in the (out, in) weight layout), transformers
   fp32, ours bf16 (tokens/s, GB/s)
 - one optimizer step at the default SFT shape (4 x 256 ShareGPT tokens, forward,
   backward, fused AdamW as train.py and transformers' Trainer use): ours and
-  transformers, fp32 and bf16 autocast; the dense 40-layer model and DLO routing with
+  transformers, fp32 (and bf16 autocast); the dense 40-layer model and DLO routing with
   its labels (what routing costs in training)
 - on CUDA, the Triton kernels against their PyTorch references
+- --long alone: per context, prefill time, decode tokens/s, KV bytes allocated and peak
+  memory of the base and routed checkpoints, with the compact cache (cache.py), then
+  Hamlet perplexity in 4,096-token windows and the held-out ShareGPT loss
+The bf16 rows run where --dtype (auto: the hardware computes bf16 natively) says so.
 Transformers is optional (`pip install transformers`); without it its rows are skipped.
 Timings interleave the contenders and keep the best of `--repeats`, since a shared
 machine is noisy.
@@ -37,7 +43,7 @@ from router import Rule
 from sample import generate_stream
 from tokenizer import load_tokenizer
 from train import TrainConfig, micro_loss
-from weights import autocast, pick_device
+from weights import autocast, pick_device, pick_dtype
 
 
 def parse_args(argv=None):
@@ -48,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="best of this many runs")
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="bf16 rows too? auto: where the hardware computes bf16 natively (train.py's rule)")
     p.add_argument("--out", default="out/bench.json", help="JSON output")
     p.add_argument("--ppl_only", action="store_true", help="only the Hamlet perplexity of the model")
     p.add_argument("--long", default="", help="only the long-context table, at these contexts (e.g. 1024,8192)")
@@ -327,9 +335,12 @@ def main(argv=None):
     out["ppl_fp32"] = report("Hamlet perplexity, fp32", hamlet_perplexity(base))
     if args.ppl_only:
         return
-    bf16 = weights.place(weights.from_pretrained(args.init_from, torch.bfloat16), device).eval()
-    out["ppl_bf16"] = report("Hamlet perplexity, bf16 weights", hamlet_perplexity(bf16))
-    report("  bf16 / fp32", out["ppl_bf16"] / out["ppl_fp32"])
+    with_bf16 = pick_dtype(args.dtype, device) == "bfloat16"   # emulated bf16 is slow: skip it there
+    out["dtype"] = "bfloat16" if with_bf16 else "float32"
+    if with_bf16:
+        bf16 = weights.place(weights.from_pretrained(args.init_from, torch.bfloat16), device).eval()
+        out["ppl_bf16"] = report("Hamlet perplexity, bf16 weights", hamlet_perplexity(bf16))
+        report("  bf16 / fp32", out["ppl_bf16"] / out["ppl_fp32"])
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
     gb = sum(p.numel() * p.element_size() for p in base.parameters()) / 1e9
@@ -337,19 +348,21 @@ def main(argv=None):
     # decode at batch 1; "(out, in) layout": the same fp32 model without weights.place's CPU layout
     standard = weights.from_pretrained(args.init_from).to(device).eval()
     hf = as_transformers(base)
-    contenders = [lambda: decode_rate(base, [prompt], args.new_tokens)[1],
-                  lambda: decode_rate(standard, [prompt], args.new_tokens)[1],
-                  lambda: decode_rate(bf16, [prompt], args.new_tokens)[1]]
+    contenders = {"fp32": lambda: decode_rate(base, [prompt], args.new_tokens)[1],
+                  "out_in": lambda: decode_rate(standard, [prompt], args.new_tokens)[1]}
+    if with_bf16:
+        contenders["bf16"] = lambda: decode_rate(bf16, [prompt], args.new_tokens)[1]
     if hf is not None:
-        contenders.append(lambda: hf_decode_rate(hf, prompt, args.new_tokens))
-    rates = best_of(args.repeats, *contenders)
-    out["decode_fp32"] = report("decode b=1, ours fp32", rates[0], f"tok/s ({rates[0] * gb:.1f} GB/s)")
-    out["decode_fp32_out_in"] = report("decode b=1, ours fp32, (out, in) layout", rates[1], "tok/s")
-    out["decode_bf16"] = report("decode b=1, ours bf16", rates[2], "tok/s")
-    report("  bf16 / fp32", rates[2] / rates[0])
+        contenders["hf"] = lambda: hf_decode_rate(hf, prompt, args.new_tokens)
+    rates = dict(zip(contenders, best_of(args.repeats, *contenders.values())))
+    out["decode_fp32"] = report("decode b=1, ours fp32", rates["fp32"], f"tok/s ({rates['fp32'] * gb:.1f} GB/s)")
+    out["decode_fp32_out_in"] = report("decode b=1, ours fp32, (out, in) layout", rates["out_in"], "tok/s")
+    if with_bf16:
+        out["decode_bf16"] = report("decode b=1, ours bf16", rates["bf16"], "tok/s")
+        report("  bf16 / fp32", rates["bf16"] / rates["fp32"])
     if hf is not None:
-        out["decode_hf_fp32"] = report("decode b=1, transformers fp32", rates[3], "tok/s")
-        out["decode_ours_over_hf"] = report("  ours / transformers", rates[0] / rates[3])
+        out["decode_hf_fp32"] = report("decode b=1, transformers fp32", rates["hf"], "tok/s")
+        out["decode_ours_over_hf"] = report("  ours / transformers", rates["fp32"] / rates["hf"])
     if args.compile:
         t0 = time.perf_counter()
         decode_rate(base, [prompt], 4, compiled=True)
@@ -364,7 +377,7 @@ def main(argv=None):
     batch = sft_batch()
     steps = {}
     hf = None   # free its memory for the training rows
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if with_bf16 else ("float32",):
         contenders = [ours_step(copy.deepcopy(standard).train(), batch, dtype)]
         hf_model = as_transformers(base)
         if hf_model is not None:
@@ -379,10 +392,10 @@ def main(argv=None):
     routed = dlo.activate(dense, "mlp", layers=dense.config.new_layers, sink_tokens=1).train()
     caps = torch.full((len(routed.config.route_slots()),), 0.59, dtype=torch.float64)
     rule = Rule("topk", capacity=caps, similarity=True)
-    rates = best_of(args.repeats, ours_step(dense, batch, "bfloat16"),
-                    ours_step(routed, batch, "bfloat16", rule, labels="cos-global"))
-    steps["dense40_bf16"] = report("train step, dense 40 layers bf16", rates[0], "tok/s")
-    steps["dlo40_bf16"] = report("train step, DLO 40 layers bf16 (labels, top-k)", rates[1], "tok/s")
+    dtype = out["dtype"]
+    rates = best_of(args.repeats, ours_step(dense, batch, dtype), ours_step(routed, batch, dtype, rule, labels="cos-global"))
+    steps["dense40"] = report(f"train step, dense 40 layers {dtype}", rates[0], "tok/s")
+    steps["dlo40"] = report(f"train step, DLO 40 layers {dtype} (labels, top-k)", rates[1], "tok/s")
     report("  DLO time / dense time", rates[0] / rates[1])
     out["train"] = steps
 
