@@ -289,8 +289,8 @@ def long_context(args, device):
         for name, res in zip(names, results):
             prefill, rate, kv, peak = min(x[0] for x in res), max(x[1] for x in res), res[0][2], max(x[3] for x in res)
             rows[name, ctx] = {"prefill_s": prefill, "decode_tok_s": rate, "kv_mb": kv / 2 ** 20, "peak_mb": peak}
-            print(f"{name:>24} @ {ctx:5d}: prefill {prefill:7.2f} s, decode {rate:6.2f} tok/s, KV {kv / 2 ** 20:8.1f} MB,"
-                  f" peak {peak:7.0f} MB", flush=True)
+            print(f"{name:>24} @ {ctx:5d}: prefill {prefill:7.2f} s, decode {rate:6.2f} tok/s, "
+                  f"KV {kv / 2 ** 20:8.1f} MB, peak {peak:7.0f} MB", flush=True)
     hamlet = tok.encode(shakespeare_text("hamlet"))
     quality = {}
     for name, path, model in zip(names, [None] + paths, models):
@@ -393,7 +393,8 @@ def main(argv=None):
     caps = torch.full((len(routed.config.route_slots()),), 0.59, dtype=torch.float64)
     rule = Rule("topk", capacity=caps, similarity=True)
     dtype = out["dtype"]
-    rates = best_of(args.repeats, ours_step(dense, batch, dtype), ours_step(routed, batch, dtype, rule, labels="cos-global"))
+    rates = best_of(args.repeats, ours_step(dense, batch, dtype),
+                    ours_step(routed, batch, dtype, rule, labels="cos-global"))
     steps["dense40"] = report(f"train step, dense 40 layers {dtype}", rates[0], "tok/s")
     steps["dlo40"] = report(f"train step, DLO 40 layers {dtype} (labels, top-k)", rates[1], "tok/s")
     report("  DLO time / dense time", rates[0] / rates[1])

@@ -68,7 +68,7 @@ class TrainConfig:
     dense_first: int = 0            # keep this many first layers dense (never routed)
     dense_last: int = 0             # keep this many last layers dense
     sink_tokens: int = 1            # the first r positions of every row always run
-    kv_policy: str = "drop"         # a skipped attention writes no K/V (drop), still writes it (compute), or for a window
+    kv_policy: str = "drop"         # a skipped attention writes no K/V (drop), writes it (compute) or for a window
     kv_window: int = 64             # window: the next positions still see a skipped (or not kept) token's K/V
     gate: str = "dlo"               # dlo: g(p) = 1 + gap (p - 0.5); mod: output times p
     train_rule: str = "topk"        # topk (DLO) or threshold (MoDification)
