@@ -190,6 +190,8 @@ def calibration_rows(data, train_config):
 
 def recalibrate(path, model, ckpt, data, capacity, device, dtype):
     """thresholds_at `capacity`, written into the checkpoint."""
+    if not 0 < capacity <= 1:
+        raise ValueError(f"--calibrate must be in (0, 1], got {capacity}")
     thresholds = thresholds_at(model, ckpt, data, capacity, device, dtype)
     weights.set_thresholds(path, thresholds)
     model.config.route_threshold = thresholds
