@@ -1,18 +1,93 @@
 """
-A KV cache that stores only what ran. model.KVCache reserves a slot for every position
-of every layer up front; under routed attention with the "drop" policy a token that
-skips a layer's attention writes nothing there, so here each layer keeps, per batch row,
-only the K/V of the tokens that wrote them, packed in arrival order, and grows a page
-at a time. Under "window", a token that is not kept is evicted once it falls kv_window
-positions behind, before the cache grows. The bytes allocated follow the routing: a
-layer whose attention ran for half the tokens holds half the K/V, and decoding attends
-over those alone.
+What a query sees, and a KV cache that stores only what ran.
+
+- Keys: every key and value a chunk's queries may attend to, from either cache;
+  key_mask says which each query sees under the K/V policies ("drop": only keys that
+  were written; "window": keys not kept stay visible for kv_window positions), attend
+  and attend_rows run SDPA over them, received_attention labels K/V retention.
+- CompactKVCache. model.KVCache reserves a slot for every position of every layer up
+  front; under routed attention with the "drop" policy a token that skips a layer's
+  attention writes nothing there, so here each layer keeps, per batch row, only the K/V
+  of the tokens that wrote them, packed in arrival order, and grows a page at a time.
+  Under "window", a token that is not kept is evicted once it falls kv_window positions
+  behind, before the cache grows. The bytes allocated follow the routing: a layer whose
+  attention ran for half the tokens holds half the K/V, and decoding attends over those
+  alone.
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
-from model import Keys
+
+class Keys(NamedTuple):
+    """Every key and value a chunk's queries may attend to."""
+    k: torch.Tensor       # (B, nkv, S, hs)
+    v: torch.Tensor       # (B, nkv, S, hs)
+    valid: torch.Tensor   # (B, S): written by a real token
+    slot: torch.Tensor    # (S,) or (B, S): each key's place in the sequence, for the causal mask
+    kept: Optional[torch.Tensor] = None   # (B, S) under "window": seen beyond the window; None: all are
+
+
+def attend(q, k, v, mask):
+    """SDPA that keeps CUDA on its fast kernels. mask None: causal only, which the flash
+    kernel serves with GQA. With a mask, flash is out; the memory-efficient kernel takes
+    masks but not GQA (torch docs: GQA "works only for Flash_attention and math kernel on
+    CUDA"), so K/V heads are repeated for it. A single query row (decode) is cheap even in
+    the math kernel, and the CPU kernel takes mask and GQA together: no copy there."""
+    gqa = k.size(1) != q.size(1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if gqa and q.is_cuda and q.size(2) > 1:
+        repeat = q.size(1) // k.size(1)
+        k, v, gqa = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+
+
+def key_mask(q_slot, keys, window):
+    """(B, M, S): which keys each query at q_slot (B or 1, M) sees: valid ones at or before
+    it and, under "window", kept ones or those fewer than `window` positions back. A query
+    always sees itself, so a row is never empty (padding, dropped tokens)."""
+    key_slot, q = keys.slot.view(-1, 1, keys.slot.size(-1)), q_slot[..., None]
+    mask = (key_slot <= q) & keys.valid[:, None, :]
+    if keys.kept is not None:
+        mask = mask & (keys.kept[:, None, :] | (q - key_slot < window))
+    return mask | (key_slot == q)
+
+
+def attend_rows(q, b, slot, keys, window):
+    """Attention for N query rows q (N, nh, hs) of batch rows b (N,) sitting at slots
+    `slot` (N,), over the keys key_mask lets them see. The queries are packed per batch
+    row, (B, M) with M the most any row has. Returns (N, nh * hs)."""
+    B, (N, nh, hs) = keys.k.size(0), q.shape
+    if B == 1:
+        m, packed, q_slot = torch.arange(N, device=q.device), q[None], slot[None]
+    else:
+        counts = torch.bincount(b, minlength=B)
+        m = torch.arange(N, device=q.device) - (counts.cumsum(0) - counts)[b]   # index within its row
+        M = int(counts.max())
+        packed = q.new_zeros(B, M, nh, hs).index_put((b, m), q)
+        q_slot = torch.full((B, M), -1, dtype=torch.long, device=q.device).index_put((b, m), slot)
+    mask = key_mask(q_slot, keys, window) | (q_slot < 0)[..., None]    # (B, M, S); padding queries: unread
+    y = attend(packed.transpose(1, 2), keys.k, keys.v, mask)            # (B, nh, M, hs)
+    return y.transpose(1, 2)[b, m].reshape(N, nh * hs)
+
+
+@torch.no_grad()
+def received_attention(q, keys, window):
+    """The labels of K/V retention: per key (B, S), the mean attention probability it gets
+    (over heads) from the queries at least `window` positions later, with every key kept,
+    and whether any such query exists. A key that such queries attend to is worth keeping
+    (the heavy hitters of H2O, arXiv 2306.14048, section 3); nearer queries see it anyway."""
+    repeat = q.size(1) // keys.k.size(1)
+    k = keys.k.float().repeat_interleave(repeat, 1)
+    q_slot = torch.arange(q.size(2), device=q.device)[None]
+    causal = key_mask(q_slot, keys._replace(kept=None), window)                      # (B, T, S)
+    scores = (q.float() @ k.transpose(-1, -2)) / q.size(-1) ** 0.5
+    probs = scores.masked_fill(~causal[:, None], -math.inf).softmax(-1).mean(1)      # (B, T, S)
+    far = causal & (q_slot[..., None] - keys.slot.view(-1, 1, keys.slot.size(-1)) >= window)
+    return (probs * far).sum(1) / far.sum(1).clamp(min=1), far.any(1)
 
 
 class CompactKVCache:

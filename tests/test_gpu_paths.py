@@ -130,7 +130,6 @@ def test_process_group_backend_serves_both_devices(monkeypatch):
 def test_attention_takes_the_flash_shape_where_it_can(monkeypatch):
     """Training rows are right-padded: attention then needs no mask (is_causal), which CUDA's
     flash kernel serves with GQA. A mask appears only with a cache or dropped tokens."""
-    import model as model_module
     seen = []
     plain = F.scaled_dot_product_attention
 
@@ -138,7 +137,7 @@ def test_attention_takes_the_flash_shape_where_it_can(monkeypatch):
         seen.append((attn_mask is None, is_causal))
         return plain(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
 
-    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     model = routed(METHODS["dlo-cos-global"])
     x, y, valid = rows(2)
     model(x, y, valid=valid, rule=training_rule(METHODS["dlo-cos-global"], model))

@@ -85,7 +85,7 @@ def test_window_policy_hides_unkept_keys_beyond_the_window():
 def test_retention_labels_are_the_attention_far_queries_give():
     """received_attention: a key that every far query attends to gets the most mass; keys
     with no query kv_window or more positions later get no label."""
-    from model import Keys, received_attention
+    from cache import Keys, received_attention
     T, window = 8, 3
     k = torch.zeros(1, 1, T, 4)
     k[0, 0, 2] = torch.tensor([4.0, 0, 0, 0])      # key 2 matches every query
