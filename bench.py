@@ -5,7 +5,7 @@ dense models, measured side by side in one run: every ratio comes from one proce
     python bench.py                    # decode, training step, perplexity (README: minutes per CPU kind)
     python bench.py --dtype float32    # no bf16 rows: what a CPU without native bf16 runs
     python bench.py --compile          # + the compiled decode step, and its compile time
-    python bench.py --long 1024,2048,4096,8192 --models out/a/ckpt.pt,out/b/ckpt.pt --labels base,a,b
+    python bench.py --long 1024,2048,4096,8192 --base out/base/ckpt.pt --models out/a/ckpt.pt --labels base,a
 
 Sections
 - Hamlet perplexity, fp32 (and bf16) weights
@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/bench.json", help="JSON output")
     p.add_argument("--ppl_only", action="store_true", help="only the Hamlet perplexity of the model")
     p.add_argument("--long", default="", help="only the long-context table, at these contexts (e.g. 1024,8192)")
+    p.add_argument("--base", default="", help="--long: the base after the same SFT (.pt); default: --init_from as released")
     p.add_argument("--models", default="", help="--long: routed checkpoints (.pt) to set beside the base")
     p.add_argument("--labels", default="", help="--long: a name for the base and each checkpoint, comma-separated")
     return p.parse_args(argv)
@@ -270,10 +271,11 @@ def long_context(args, device):
     peak memory, side by side (alternating order, best of --repeats); then perplexity on
     Hamlet in 4,096-token windows and, for checkpoints, the held-out ShareGPT loss."""
     import evaluate
-    paths = [p for p in args.models.split(",") if p.strip()]
-    names = [n.strip() for n in args.labels.split(",")] if args.labels else ["base"] + paths
-    models = [weights.place(weights.from_pretrained(args.init_from), device).eval()]
-    models += [weights.place(weights.from_pretrained(p), device).eval() for p in paths]
+    paths = [args.base or None] + [p for p in args.models.split(",") if p.strip()]
+    names = [n.strip() for n in args.labels.split(",")] if args.labels else ["base"] + paths[1:]
+    if len(names) != len(paths):
+        raise SystemExit(f"error: --labels names {len(names)} models, but there are {len(paths)} (the base first)")
+    models = [weights.place(weights.from_pretrained(p or args.init_from), device).eval() for p in paths]
     tok = load_tokenizer("smollm2")
     text = tok.encode(shakespeare_text("king-lear") + shakespeare_text("macbeth"))   # held out: not Hamlet
     contexts = [int(c) for c in args.long.split(",")]
@@ -293,7 +295,7 @@ def long_context(args, device):
                   f"KV {kv / 2 ** 20:8.1f} MB, peak {peak:7.0f} MB", flush=True)
     hamlet = tok.encode(shakespeare_text("hamlet"))
     quality = {}
-    for name, path, model in zip(names, [None] + paths, models):
+    for name, path, model in zip(names, paths, models):
         q = {"hamlet_ppl": windowed_perplexity(model, hamlet)}
         if path:
             ckpt = weights.load_checkpoint(path)
