@@ -121,9 +121,10 @@ def main(argv=None):
         prompts = prompts_from(data, rows, args.prompts, args.prompt_len)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    run = lambda m, rule: evaluate.evaluate(m, data, rows, rule or m.default_rule(), c["batch_size"], device, dtype)
+    # each result keeps its model's depth: the base has 30 layers, the others 40
+    run = lambda m, rule: dict(evaluate.evaluate(m, data, rows, rule or m.default_rule(), c["batch_size"], device,
+                                                 dtype), n_layer=m.config.n_layer)
     kinds = [part for _, part in slots]
-    L = model.config.n_layer
 
     # losses: the references, then the routers and their controls at every capacity
     points = {"base": run(base, None), "dense (same weights)": run(model, Rule("all"))}
@@ -153,10 +154,10 @@ def main(argv=None):
     for t, rate in zip(contenders, rates):
         t.decode_tok_s = rate
     times = {t.name: t for t in contenders}
-    report(points, times, L, args, c)
+    report(points, times, args, c)
 
 
-def report(points, times, L, args, train_config):
+def report(points, times, args, train_config):
     base, dense = points["base"], points["dense (same weights)"]
     base_t = times["base"]
     lines = [f"Held-out loss on {len(base['row_sums'])} conversations; decode at batch 1, {args.prompt_len}-token "
@@ -166,7 +167,7 @@ def report(points, times, L, args, train_config):
     out = []
     for name, result in points.items():
         routers = points.get("routers @ " + name.split(" @ ")[1]) if name.startswith(("static", "random")) else None
-        t = times.get(name)
+        t, L = times.get(name), result["n_layer"]
         diff = lambda other: "-" if other is None or other is result else "{:+.4f} ± {:.4f}".format(
             *evaluate.paired_difference(result, other))
         speed = "- | - | - | -" if t is None else (f"{t.decode_tok_s:.2f} | {t.decode_tok_s / base_t.decode_tok_s:.3f} "

@@ -246,5 +246,6 @@ def test_frontier_runs_end_to_end(setup, tmp_path):
         assert points[f"static @ {cap}"]["vs_routers"] is not None and points[f"routers @ {cap}"]["decode_tok_s"] > 0
     assert points["routers @ 0.2"]["mlp_run"] < points["routers @ 0.5"]["mlp_run"] < 6
     assert points["base"]["decode_tok_s"] > 0 and points["dense (same weights)"]["mlp_run"] == 6
+    assert points["base"]["mlp_run"] == points["base"]["attn_run"] < 6   # counted over its own, fewer layers
     assert (tmp_path / "frontier" / "frontier.md").read_text().count("| routers @") == 2
 
