@@ -96,7 +96,8 @@ class CompactKVCache:
     a write says so, whether it is kept beyond the window. Capacity grows `page` entries
     at a time for all rows together, so the bytes allocated are
     (2 * nkv * hs * element size + 4 (+ 1 with kept flags)) * B * page * ceil(longest row / page);
-    `nbytes` counts them."""
+    `nbytes` counts them. Under "window" a row's entries are what later queries still see
+    (kept, or within the window) plus at most a page of positions since the last eviction."""
 
     def __init__(self, batch_size, n_kv_head, head_dim, dtype, device, page=256, window=0):
         self.page, self.window = page, window
@@ -105,6 +106,7 @@ class CompactKVCache:
         self.slot = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
         self.kept = None                                                           # (B, capacity) bool
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)   # entries used per row
+        self.swept = 0   # the earliest query's slot at the last eviction
 
     def reserve(self, need):
         """Room for `need` entries per row, rounded up to whole pages; the old entries move over."""
@@ -120,7 +122,8 @@ class CompactKVCache:
 
     def evict(self, next_slot):
         """Drop the entries no later query sees: not kept, and kv_window or more positions
-        behind next_slot (B,), the earliest query still to come; the rest move to the front."""
+        behind next_slot (B,), the earliest query still to come; the rest move to the front,
+        and the pages left empty are freed."""
         live = (self.slot >= 0) & (self.kept | (next_slot[:, None] - self.slot < self.window))
         b, j = live.nonzero(as_tuple=True)
         counts = live.sum(1)
@@ -131,6 +134,10 @@ class CompactKVCache:
         self.slot.masked_fill_(unused, -1)
         self.kept.masked_fill_(unused, True)
         self.length = counts
+        need = math.ceil(int(counts.max()) / self.page) * self.page
+        if need < self.slot.size(1):   # free the pages no row uses any more
+            self.k, self.v = self.k[:, :, :need].clone(), self.v[:, :, :need].clone()
+            self.slot, self.kept = self.slot[:, :need].clone(), self.kept[:, :need].clone()
 
     def update_rows(self, b, slot, k, v, kept=None):
         """Append the K/V rows k, v (N, nkv, hs) of tokens (b, slot) (N,), in ascending order;
@@ -138,9 +145,13 @@ class CompactKVCache:
         counts = torch.bincount(b, minlength=self.length.numel())
         if kept is not None and self.kept is None:
             self.kept = torch.ones_like(self.slot, dtype=torch.bool)
-        if self.kept is not None and int((self.length + counts).max()) > self.k.size(2):   # evict before growing
+        # evict before growing, and once a page of positions has passed since the last time, so
+        # that after a long prompt the first decode step frees what no later query sees
+        if self.kept is not None and slot.numel() and (int((self.length + counts).max()) > self.k.size(2)
+                                                       or int(slot.min()) - self.swept >= self.page):
             # the earliest query of this chunk, per row, still sees kv_window positions back
             self.evict(torch.zeros_like(self.length).index_reduce_(0, b, slot.long(), "amin", include_self=False))
+            self.swept = int(slot.min())
         within = torch.arange(b.numel(), device=b.device) - (counts.cumsum(0) - counts)[b]
         at = self.length[b] + within
         self.reserve(int((self.length + counts).max()))

@@ -63,3 +63,22 @@ def test_window_eviction_keeps_the_kept_tokens_and_the_window():
             recent = cache.slot[0][live & ~cache.kept[0]]
             assert recent.numel() == 0 or int(recent.min()) > 39 - window - page
             assert cache.nbytes() == cache.k.size(2) * (2 * 2 * 8 * 4 + 4 + 1)
+
+
+def test_a_long_prompt_is_freed_at_the_first_decode_step():
+    """A prompt written in one chunk is held whole while its own queries attend; the next
+    token's write evicts what no later query sees and frees the emptied pages."""
+    window, page, n = 3, 4, 40
+    model = routed_tiny("kv", kv_policy="window", kv_window=window, sink_tokens=1)
+    prompt = torch.randint(0, 97, (1, n))
+    with kv_caches(model, 1, n + 1, page) as m:
+        m(prompt, input_pos=torch.arange(n), rule=Rule("threshold", 0.5))
+        assert all(layer.self_attn.kv_cache.k.size(2) == n for layer in m.layers)
+        m(prompt[:, :1], input_pos=torch.tensor([n]), positions=torch.tensor([[n]]), rule=Rule("threshold", 0.5))
+        for layer in m.layers:
+            cache = layer.self_attn.kv_cache
+            live = cache.slot[0] >= 0
+            kept = int((live & cache.kept[0]).sum())
+            assert int(live.sum()) <= kept + window + 1
+            assert cache.k.size(2) == math.ceil(int(live.sum()) / page) * page
+        assert any(layer.self_attn.kv_cache.k.size(2) < n for layer in m.layers)   # something was freed
