@@ -77,6 +77,11 @@ def prompts_from(data, rows, n, length):
     raise ValueError(f"no {n} held-out conversations have {length} tokens")
 
 
+def run_name(path):
+    """A checkpoint's name in the table: its run's folder (out/compare/dlo/ckpt.pt -> dlo)."""
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+
+
 def load(path, device):
     ckpt = weights.load_checkpoint(path)
     return weights.place(weights.model_from_checkpoint(ckpt), device).eval(), ckpt
@@ -113,7 +118,7 @@ def main(argv=None):
         base = load(args.base, device)[0] if args.base else weights.place(weights.from_pretrained(c["init_from"]),
                                                                           device).eval()
         dense40 = load(args.dense, device)[0] if args.dense else None
-        others = [(p, load(p, device)[0]) for p in args.others.split(",") if p.strip()]
+        others = [(run_name(p), load(p, device)[0]) for p in args.others.split(",") if p.strip()]
         capacities, attn_capacities = floats(args.capacities), floats(args.attn_capacities)
         if attn_capacities and len(attn_capacities) != len(capacities):
             raise ValueError("--attn_capacities needs one value per capacity")
