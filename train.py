@@ -2,7 +2,7 @@
 SFT with per-token layer routing: DLO and its relatives, on one CPU, one GPU, or
 many with torchrun.
 
-    python train.py                                  # DLO on SmolLM2, a ~10 minute CPU run
+    python train.py                                  # DLO on SmolLM2, ~7 minutes on 2 CPU cores in fp32
     python train.py --config config/dlo_paper.json   # the paper's recipe shape (GPU)
     torchrun --nproc_per_node=8 train.py --config config/dlo_paper.json --dist ddp
 
