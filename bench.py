@@ -283,7 +283,8 @@ def long_context(args, device):
     for ctx in contexts:
         if len(text) < ctx:
             raise SystemExit(f"error: the prompt text has {len(text)} tokens, fewer than the context {ctx}")
-        runs = [lambda m=m: long_decode(m, text[:ctx], args.new_tokens) for m in models]
+        # the prompt and the new tokens together fill the context: SmolLM2 holds 8,192 positions
+        runs = [lambda m=m: long_decode(m, text[:ctx - args.new_tokens], args.new_tokens) for m in models]
         results = [[] for _ in models]
         for r in range(args.repeats):
             for i in (range(len(models)) if r % 2 == 0 else reversed(range(len(models)))):
