@@ -4,6 +4,7 @@ Held-out evaluation of a model, routed or not, and the calibration of its router
     python evaluate.py out/dlo/ckpt.pt                   # loss ± SE and executed layers
     python evaluate.py out/dlo/ckpt.pt --controls        # + label oracle, random routing, p >= 0.5
     python evaluate.py out/dlo/ckpt.pt --calibrate 0.5   # new thresholds: skip more at inference
+    python evaluate.py out/kv/ckpt.pt --kv_window 256    # K/V retention: a wider window at inference
 
 Notable features
 - loss per target token with a standard error over conversations (tokens of one
@@ -159,6 +160,8 @@ def parse_args(argv=None):
                    help="also the label oracle, random routing, static pruning and p >= 0.5")
     p.add_argument("--calibrate", type=float, default=None, metavar="C",
                    help="write thresholds for mean capacity C of the routed layers into the checkpoint")
+    p.add_argument("--kv_window", type=int, default=None, metavar="W",
+                   help='K/V policy "window": write a new window W into the checkpoint first')
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     return p.parse_args(argv)
 
@@ -202,6 +205,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     try:
+        if args.kv_window is not None:
+            weights.set_kv_window(args.checkpoint, args.kv_window)
         ckpt = weights.load_checkpoint(args.checkpoint)
         if not ckpt.train_config:
             raise ValueError(f"{args.checkpoint}: not a train.py checkpoint")

@@ -363,6 +363,16 @@ def set_thresholds(path, thresholds):
     save_checkpoint(path, ckpt)
 
 
+def set_kv_window(path, window):
+    """Rewrite a checkpoint whose K/V policy is "window" with another window (evaluate.py
+    --kv_window): how many recent positions still see a token that is not kept."""
+    ckpt = load_checkpoint(path)
+    if ckpt.model_config.get("kv_policy") != "window" or window < 1:
+        raise ValueError(f'--kv_window needs a checkpoint with kv_policy "window" and a window >= 1, got {window}')
+    ckpt.model_config = {**ckpt.model_config, "kv_window": window}
+    save_checkpoint(path, ckpt)
+
+
 def tokenizer_source(source):
     """Where the tokenizer of `source` lives."""
     return load_checkpoint(source).base if source.endswith(".pt") else source

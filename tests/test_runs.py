@@ -123,6 +123,20 @@ def test_calibrate_on_demand_moves_the_thresholds(setup, single, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --calibrate")
 
 
+def test_kv_window_is_rewritten_only_where_the_policy_has_one(setup, single, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    shutil.copy(single / "ckpt.pt", path)
+    r = subprocess.run([sys.executable, "evaluate.py", str(path), "--kv_window", "16"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --kv_window")
+    ckpt = weights.load_checkpoint(str(path))
+    ckpt.model_config = {**ckpt.model_config, "kv_policy": "window"}
+    weights.save_checkpoint(str(path), ckpt)
+    weights.set_kv_window(str(path), 16)
+    assert weights.load_checkpoint(str(path)).model_config["kv_window"] == 16
+    assert weights.model_from_checkpoint(weights.load_checkpoint(str(path))).layers[0].self_attn.window == 16
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_match_one_process(setup, single, mode):
     out = setup / mode
