@@ -29,8 +29,9 @@ import torch
 
 import weights
 from data import open_split
-from router import (Rule, executed_fraction, executed_map, kept_map, make_labels, part_schedule, router_agreement,
-                    select_topk, thresholds_from_topk)
+from router import (Rule, executed_fraction, executed_map, kept_map, make_labels, router_agreement, select_topk,
+                    thresholds_from_topk)
+from schedule import part_schedule
 from tokenizer import load_tokenizer
 from weights import autocast, pick_device, pick_dtype
 
@@ -169,7 +170,7 @@ def parse_args(argv=None):
 def thresholds_at(model, ckpt, data, capacity, device, dtype, attn_capacity=None):
     """Thresholds that run mean capacity `capacity` of the routed parts (and, when training
     gave attention a capacity of its own, `attn_capacity` of the attention parts: default
-    its trained one), split over the parts the way training split it (router.part_schedule),
+    its trained one), split over the parts the way training split it (schedule.part_schedule),
     calibrated on the run's calibration rows."""
     c = ckpt.train_config
     if not model.config.route_slots() or c["train_rule"] != "topk" or c.get("predictor"):

@@ -1,7 +1,7 @@
 """
 Per-token layer routing: the router, the selection rules, running the selected
-tokens, the similarity labels, the router loss and the capacity schedule. Everything
-a reader needs to change how routers learn lives in this file; every function is a
+tokens, the similarity labels and the router losses (the capacity schedule that
+training anneals is schedule.py). Every function is a
 plain tensor function, testable without a model. In the forward pass only add_selected
 syncs with the host (its gather needs the number of selected tokens); the schedule and
 the evaluation helpers read their few numbers back once per step or evaluation.
@@ -17,8 +17,7 @@ Notable features
   the top-k count, the labels and the loss (attention sinks, arXiv 2309.17453)
 - labels `cos`, `cos-global` (a tie at the cut, e.g. a branch that returns exactly 0,
   is labelled "skip"), `self`; BCE on logits, which autocast allows on every device
-- the capacity schedule: warm-up at capacity 1, annealing, per-layer capacities
-  taken from where the labels put them, DLO's dynamic LR, and threshold calibration
+- threshold calibration: the thresholds that reproduce top-k's decisions
 """
 import math
 from dataclasses import dataclass, field
@@ -356,99 +355,6 @@ def kept_map(traces, n_layer, kv_policy):
         if t.part == "kv" or (t.part in ("attn", "block") and kv_policy != "compute"):
             kept[..., t.layer] = t.sel
     return kept
-
-
-# ---- capacity schedule ---------------------------------------------------------------
-
-SPLITS = ("labels", "rescale")
-
-
-class CapacitySchedule:
-    """Global capacity c_bar(step), and one capacity per routed part.
-
-    c_bar: `start` for the first `warmup` steps (1.0: nothing skipped while the routers
-    learn the labels), linear to `end` over the next `anneal` steps, then `end`. DLO
-    anneals 1.0 -> 0.9 over 1,000 steps (arXiv 2407.11030, section 4.1).
-
-    Per-part capacities, split="labels" (default): the labels are computed at the end
-    capacity from step 0, and their per-part fractions f_l (an exponential moving
-    average) say where skipping belongs. Part l gets c_l = 1 - a * (1 - f_l), with a
-    chosen so the mean is c_bar: capacity is taken only where the labels put it, and a
-    part whose labels say "run every token" keeps c_l = 1. (Below the labels' own mean,
-    as evaluate.py --calibrate may ask for, c_l = f_l * c_bar / mean f.)
-    split="rescale" is DLO's official code: labels at the current c_bar, then every
-    c_l = f_l * c_bar(next) / mean f, which also lowers layers labelled "run all".
-
-    groups: each part's capacity group (default: one group), and `end` one capacity per
-    group: e.g. inserted blocks at 0.3 and the original layers' attention at 0.8. Each
-    group anneals to its own end, and its labels and split stay among its own parts.
-    """
-
-    def __init__(self, n_layers, start=1.0, end=0.9, warmup=0, anneal=1000, split="labels", momentum=0.9,
-                 groups=None):
-        self.n_layers, self.start, self.warmup, self.anneal = n_layers, start, warmup, anneal
-        self.groups = list(groups) if groups is not None else [0] * n_layers
-        self.ends = list(end) if isinstance(end, (list, tuple)) else [end] * (max(self.groups, default=0) + 1)
-        self.split, self.momentum = split, momentum
-        self.label_frac = None   # (n_layers,) float64, on the CPU
-
-    def global_capacity(self, step, group=0):
-        if step < self.warmup:
-            return self.start
-        progress = 1.0 if self.anneal <= 0 else min(1.0, (step - self.warmup) / self.anneal)
-        return self.start + (self.ends[group] - self.start) * progress
-
-    def label_capacity(self, step):
-        """The capacity each group's labels are computed at."""
-        return [end if self.split == "labels" else self.global_capacity(step, g) for g, end in enumerate(self.ends)]
-
-    def update(self, label_frac):
-        """Fold one step's per-part label fractions into the running estimate."""
-        f = label_frac.detach().double().cpu()
-        if self.split == "rescale" or self.label_frac is None:
-            self.label_frac = f
-        else:
-            self.label_frac = self.momentum * self.label_frac + (1 - self.momentum) * f
-
-    def capacities(self, step):
-        """(n_layers,) float64 per-part capacities for this step's top-k."""
-        caps = torch.empty(self.n_layers, dtype=torch.float64)
-        for g in sorted(set(self.groups)):
-            members = torch.tensor([i for i, group in enumerate(self.groups) if group == g], dtype=torch.long)
-            f = None if self.label_frac is None else self.label_frac[members]
-            caps[members] = self.split_capacity(self.global_capacity(step, g), f, len(members))
-        return caps
-
-    def split_capacity(self, c_bar, f, n):
-        if f is None or float(f.mean()) >= 1.0:
-            return torch.full((n,), c_bar, dtype=torch.float64)
-        if self.split == "rescale" or c_bar < float(f.mean()):   # below the labels' own capacity: scale them
-            return (f * c_bar / f.mean()).clamp(0.0, 1.0)
-        a = (1.0 - c_bar) / float(1.0 - f.mean())
-        return 1.0 - a * (1.0 - f)
-
-    def state_dict(self):
-        return {"label_frac": None if self.label_frac is None else self.label_frac.tolist()}
-
-    def load_state_dict(self, state):
-        f = state.get("label_frac")
-        self.label_frac = None if f is None else torch.tensor(f, dtype=torch.float64)
-
-
-def part_schedule(slots, start, end, attn_end=0.0, **options):
-    """The CapacitySchedule of routed parts `slots` ((layer, part) pairs): one group at
-    `end`, or, with attn_end > 0, the attention parts in a group of their own at attn_end."""
-    apart = attn_end > 0 and any(part == "attn" for _, part in slots)
-    groups = [int(apart and part == "attn") for _, part in slots]
-    return CapacitySchedule(len(slots), start, [end, attn_end] if apart else end, groups=groups, **options)
-
-
-def dynamic_lr_scales(caps):
-    """DLO's "dynamic LR" (section 3.4): layer l's LR is multiplied by c_l + (1 - mean c),
-    which follows each layer's capacity while keeping the mean multiplier at 1."""
-    caps = [float(c) for c in caps]
-    mean = sum(caps) / len(caps)
-    return [c + (1.0 - mean) for c in caps]
 
 
 def thresholds_from_topk(traces):

@@ -42,8 +42,8 @@ import lesa
 import weights
 from data import DATASETS
 from model import CHOICES as MODEL_CHOICES
-from router import (LABELS, SPLITS, Rule, dynamic_lr_scales, executed_fraction, load_loss, make_labels,
-                    part_schedule, routable_tokens, router_loss)
+from router import LABELS, Rule, executed_fraction, load_loss, make_labels, routable_tokens, router_loss
+from schedule import SPLITS, dynamic_lr_scales, part_schedule
 from weights import autocast, pick_device, pick_dtype
 
 

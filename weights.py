@@ -302,7 +302,7 @@ class Checkpoint:
     train_config: dict = field(default_factory=dict)     # train.TrainConfig's fields
     step: int = 0                                        # optimizer steps done; fixes the data position
     optimizer: Optional[dict] = None
-    schedule: dict = field(default_factory=dict)         # router.CapacitySchedule's state
+    schedule: dict = field(default_factory=dict)         # schedule.CapacitySchedule's state
     rng: dict = field(default_factory=dict)
 
     @property

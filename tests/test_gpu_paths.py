@@ -9,7 +9,8 @@ import dlo
 import evaluate
 import train
 from conftest import tiny_model
-from router import Rule, part_schedule
+from router import Rule
+from schedule import part_schedule
 from train import TrainConfig, micro_loss, param_groups
 from sample import generate
 

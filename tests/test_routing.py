@@ -7,8 +7,9 @@ import torch
 
 import dlo
 from conftest import cached_logits, full_logits, routed_tiny, tiny_model
-from router import (CapacitySchedule, Rule, Trace, add_selected, dynamic_lr_scales, load_loss, make_labels,
-                    router_loss, select_threshold, select_topk, similarity_labels)
+from router import (Rule, Trace, add_selected, load_loss, make_labels, router_loss, select_threshold, select_topk,
+                    similarity_labels)
+from schedule import CapacitySchedule, dynamic_lr_scales
 from model import Context, rope_tables
 from sample import generate, generate_stream, kv_caches
 
