@@ -6,12 +6,14 @@ can each carry a router that skips work per token.
   HF Llama's module names, but q/k/v and gate/up are one matmul each (weights.py converts)
 - routed layers (router.py) skip, per token, the MLP ("mlp", DLO's default: attention
   always runs), the attention ("attn"), each on its own ("attn+mlp", SkipGPT) or the whole
-  block ("block"); a skipped attention still writes K/V ("compute") or writes none ("drop");
-  the selected tokens run alone (gathered), sinks always run, batch-1 decode decides on the host
+  block ("block"), or decide whose K/V stays beyond a window ("kv"); a skipped attention
+  still writes K/V ("compute"), writes none ("drop") or stays visible for kv_window
+  positions ("window"); the selected tokens run alone (gathered), sinks always run,
+  batch-1 decode decides on the host
 - a static KV cache (gpt-fast style; cache.py: which keys a query sees under each K/V
-  policy, and a cache that stores only what ran); no
-  attention mask where a causal one is exact; the LM head only where a target is; FLOP
-  and KV-byte estimators that count skipped work
+  policy, and a cache that stores only what ran); no attention mask where a causal one
+  is exact; the LM head only where a target is; FLOP and KV-byte estimators that count
+  skipped work
 """
 from dataclasses import dataclass
 
