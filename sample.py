@@ -88,7 +88,8 @@ def kv_caches(model, batch_size, max_seq, page=0):
     try:
         yield model
     finally:
-        for layer in model.layers:
+        for layer in model.layers:   # unregistered, so the next block may install either kind
+            del layer.self_attn.kv_cache
             layer.self_attn.kv_cache = None
 
 
