@@ -5,8 +5,8 @@ Every method on one model, with the same data and the same token budget.
     python compare.py --methods base,dense,dlo         # the DLO table
     python compare.py --steps 200 --seq_len 512        # a bigger budget (GPU)
 
-Each method is a set of train.py flags (METHODS below), trained by train.main with the
-same rows in the same order, steps, batch and sequence length. Per method: layers,
+Each method is a preset file under config/ plus the flags that change it (METHODS below),
+trained by train.main with the same rows in the same order, steps, batch and sequence length. Per method: layers,
 held-out loss before and after training with its standard error, the difference to
 the base model on the same conversations (paired, so its SE is much smaller than the
 losses'), executed layers per token at inference (the rule sample.py uses) and in
@@ -33,44 +33,42 @@ import weights
 from sample import generate
 from weights import pick_device, pick_dtype
 
-DLO = "--placement interleave --n_new 10 --route mlp --kv_policy compute --capacity_end 0.59"
-MODIFICATION = ("--placement none --route block --routed every-other --kv_policy drop --train_rule threshold "
-                "--threshold 0.5 --labels none --load_alpha 0.01 --sink_tokens 0 --route_warmup 0")
-# train.py flags per method; everything else is shared (see --steps etc.). "dlo" is DLO's
-# MLP routing at 0.90 of the MLPs; each "dlo-..." row after "dlo-fast" switches one of its
-# mechanisms off.
+PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+# per method: its preset file under config/ and the flags that change it; everything else
+# is shared (see --steps etc.). "dlo" is DLO's MLP routing at 0.90 of the MLPs, train.py's
+# default; each "dlo-..." row switches one of its mechanisms off.
 METHODS = {
-    "base": "--placement none --route none",
-    "dense": "--placement interleave --n_new 10 --route none",
-    "dlo": DLO,
-    # train.py's defaults: the inserted layers' attention and MLP routed apart, skipped
-    # tokens write no K/V; the fast point of the frontier (README)
-    "dlo-fast": "--placement interleave --n_new 10",
-    "dlo-no-sinks": f"{DLO} --sink_tokens 0",
-    "dlo-all-layers": f"{DLO} --routed all --capacity_end 0.8975",       # the same 0.90 of all MLPs
-    "dlo-all-layers-no-sinks": f"{DLO} --routed all --capacity_end 0.9 --sink_tokens 0",
-    "dlo-no-warmup": f"{DLO} --route_warmup 0",
-    "dlo-official-labels": f"{DLO} --capacity_split rescale",
-    "dlo-one-lr": f"{DLO} --router_lr_scale 1",
-    "dlo-frozen-warmup": f"{DLO} --warmup_freeze true",                    # a variant: routers alone at first
+    "base": ("base", ""),
+    "dense": ("dense", ""),
+    "dlo": ("dlo", ""),
+    "dlo-fast": ("dlo_fast", ""),
+    "dlo-no-sinks": ("dlo", "--sink_tokens 0"),
+    "dlo-all-layers": ("dlo", "--routed all --capacity_end 0.8975"),       # the same 0.90 of all MLPs
+    "dlo-all-layers-no-sinks": ("dlo", "--routed all --capacity_end 0.9 --sink_tokens 0"),
+    "dlo-no-warmup": ("dlo", "--route_warmup 0"),
+    "dlo-official-labels": ("dlo", "--capacity_split rescale"),
+    "dlo-one-lr": ("dlo", "--router_lr_scale 1"),
+    "dlo-frozen-warmup": ("dlo", "--warmup_freeze true"),                   # a variant: routers alone at first
     # every mechanism off: the paper's routing as this project first ran it
-    "dlo-paper": (f"{DLO} --routed all --capacity_end 0.9 --sink_tokens 0 --route_warmup 0 "
-                  "--capacity_split rescale --router_lr_scale 1"),
-    "dlo-threshold": f"{DLO} --train_rule threshold",
-    "llama-pro": "--placement interleave --n_new 10 --route none --freeze_original true",
-    "solar": "--placement stack --trim 10 --route none",
-    "tli": "--placement tli --every_k 3 --route none",
-    "lesa": "--placement lesa --n_new 10 --route none",
-    # MoDification as its public reading describes it (arXiv 2410.14268 abstract; the rest from a
-    # third-party reproduction): every other block, a token runs iff p >= 0.5, the gate p on the
-    # block's output, the load-reducing objective, no labels; skipped tokens write no K/V
-    "modification": f"{MODIFICATION} --gate mod",
-    # the same with DLO's gate g(p) ~ 1, so the converted model starts as the pretrained one
-    "modification-dlo-gate": f"{MODIFICATION} --gate dlo",
-    "mod": ("--placement none --route block --routed every-other --kv_policy drop --gate mod --train_rule topk "
-            "--labels none --predictor true --capacity_start 0.125 --capacity_end 0.125 --route_warmup 0"),
-    "shortgpt": "--placement none --route none --shortgpt_drop 6",
+    "dlo-paper": ("dlo", "--routed all --capacity_end 0.9 --sink_tokens 0 --route_warmup 0 --capacity_split rescale "
+                         "--router_lr_scale 1"),
+    "dlo-threshold": ("dlo", "--train_rule threshold"),
+    "llama-pro": ("llama_pro", ""),
+    "solar": ("solar", ""),
+    "tli": ("tli", ""),
+    "lesa": ("lesa", ""),
+    "modification": ("modification", ""),
+    "modification-dlo-gate": ("modification_dlo_gate", ""),
+    "mod": ("mod", ""),
+    "kv-retention": ("kv_retention", ""),
+    "shortgpt": ("shortgpt", ""),
 }
+
+
+def method_flags(name):
+    """train.py's flags for a method: its preset file, then the flags that change it."""
+    preset, extra = METHODS[name]
+    return ["--config", os.path.join(PRESETS, f"{preset}.json")] + extra.split()
 
 
 def parse_args(argv=None):
@@ -113,7 +111,7 @@ def evaluate_checkpoint(path, cfg, rule=None):
 
 def run_method(name, args):
     out_dir = os.path.join(args.out, name)
-    flags = (f"{METHODS[name]} {args.extra} --max_steps {args.steps} --seq_len {args.seq_len} "
+    flags = method_flags(name) + (f"{args.extra} --max_steps {args.steps} --seq_len {args.seq_len} "
              f"--batch_size {args.batch_size} --grad_accum {args.grad_accum} --lr {args.lr} "
              f"--eval_rows {args.eval_rows} --eval_every {args.steps} --ckpt_every {args.steps} "
              f"--out_dir {out_dir}").split()

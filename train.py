@@ -2,7 +2,8 @@
 SFT with per-token layer routing: DLO and its relatives, on one CPU, one GPU, or
 many with torchrun.
 
-    python train.py                                  # DLO on SmolLM2, ~7 minutes on 2 CPU cores in fp32
+    python train.py                                  # DLO as the paper defines it, on SmolLM2 (config/dlo.json)
+    python train.py --config config/dlo_fast.json    # any other method: one preset file under config/
     python train.py --config config/dlo_paper.json   # the paper's recipe shape (GPU)
     torchrun --nproc_per_node=8 train.py --config config/dlo_paper.json --dist ddp
 
@@ -62,13 +63,13 @@ class TrainConfig:
     drop: str = ""                  # comma-separated layers to remove
     shortgpt_drop: int = 0          # ShortGPT: remove this many lowest-Block-Influence layers
     # routing (router.py)
-    route: str = "attn+mlp"         # what --routed layers skip: none, mlp (DLO's), attn, attn+mlp, block; kv: K/V kept
+    route: str = "mlp"              # what --routed layers skip: none, mlp (DLO's), attn, attn+mlp, block; kv: K/V kept
     routed: str = "new"             # new (inserted layers only), all, every-other, or "i,j,..."
     attn_routed: str = ""           # other layers whose attention alone is routed: "rest" (all others) or "i,j,..."
     dense_first: int = 0            # keep this many first layers dense (never routed)
     dense_last: int = 0             # keep this many last layers dense
     sink_tokens: int = 1            # the first r positions of every row always run
-    kv_policy: str = "drop"         # a skipped attention writes no K/V (drop), writes it (compute) or for a window
+    kv_policy: str = "compute"      # a skipped attention writes its K/V (compute), none (drop) or for a window
     kv_window: int = 64             # window: the next positions still see a skipped (or not kept) token's K/V
     gate: str = "dlo"               # dlo: g(p) = 1 + gap (p - 0.5); mod: output times p
     train_rule: str = "topk"        # topk (DLO) or threshold (MoDification)
@@ -79,7 +80,7 @@ class TrainConfig:
     load_alpha: float = 0.0         # MoDification's load-reducing objective, alpha sum_j F_j G_j (its reading: 0.01)
     router_lr_scale: float = 50.0   # routers' LR = lr * this
     capacity_start: float = 1.0
-    capacity_end: float = 0.3       # the inserted layers' parts run 0.3 of the tokens (labels split it: README)
+    capacity_end: float = 0.59      # the inserted layers' MLPs run 0.59 of the tokens: 0.90 of all 40 MLPs
     attn_capacity_end: float = 0.0  # > 0: routed attention parts anneal to this, labelled apart from the rest
     route_warmup: float = 0.2       # fraction of steps at capacity_start while the routers learn the labels
     route_anneal: float = 0.5       # fraction of steps over which capacity then anneals to capacity_end
