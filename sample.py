@@ -192,7 +192,8 @@ def generate(model, prompts, max_new_tokens, **kwargs):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text; show per-token depth for routed models.")
-    p.add_argument("--init_from", default="smollm2", help="smollm2, a .gguf file, a HF folder or a .pt checkpoint")
+    p.add_argument("--init_from", default="smollm2",
+                   help="smollm2, a .gguf file, a HF or export.py folder, or a .pt checkpoint")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text, or @path to read it from a file")
     p.add_argument("--mode", choices=("chat", "raw"), default="chat", help="chat template or raw text")
     p.add_argument("--system", default=None, help="system message in chat mode (default: the model's)")
@@ -207,6 +208,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--depth_out", default="out/depth.html", help="token x layer picture (routed models)")
+    p.add_argument("--depth_png", default="out/depth.png", help="the same picture as a PNG, if matplotlib is "
+                   "installed ('' = none)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (the first call compiles)")
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1 or (args.top_k is not None and args.top_k < 0):
@@ -275,6 +278,39 @@ highlighted numbers: inserted layers</h3>
 <table><tr><th>token</th><th>{what}</th>{head}</tr>{''.join(rows)}</table>""")
 
 
+# the depth view's colours as RGB: attention and MLP ran, attention only, MLP only, neither
+RGB = {(True, True): (0.75, 0.22, 0.17), (True, False): (0.95, 0.61, 0.07), (False, True): (0.16, 0.50, 0.73),
+       (False, False): (0.93, 0.93, 0.93)}
+
+
+def write_depth_png(path, pieces, ran, cfg):
+    """The token x layer grid of write_depth_html as a PNG (needs matplotlib): a column per
+    token, labelled with its text, a row per layer; inserted layers are marked "+" in red."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return False
+    grid = [[RGB[bool(a), bool(m)] for a, m in row.tolist()] for row in ran]     # (tokens, layers, 3)
+    grid = [list(layer) for layer in zip(*grid)]                                 # (layers, tokens, 3)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len(pieces) + 1.5), 0.16 * cfg.n_layer + 1.6))
+    ax.imshow(grid, aspect="auto", interpolation="nearest")
+    labels = [p.replace("\n", "\\n").replace("$", r"\$") for p in pieces]   # "$" would start mathtext
+    ax.set_xticks(range(len(pieces)), labels, rotation=90, fontsize=6, family="monospace")
+    ax.set_yticks(range(cfg.n_layer), [f"+{i}" if i in cfg.new_layers else str(i) for i in range(cfg.n_layer)],
+                  fontsize=6)
+    for label, i in zip(ax.get_yticklabels(), range(cfg.n_layer)):
+        label.set_color("#c0392b" if i in cfg.new_layers else "black")
+    ax.set_ylabel("layer (+ = inserted)")
+    ax.set_title("red: attention and MLP ran; orange: attention only; blue: MLP only; grey: neither", fontsize=8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def pieces_of(tok, ids):
     """The text each token adds, decoded as bytes so split UTF-8 characters stay whole."""
     out, seen = [], b""
@@ -341,10 +377,10 @@ def main(argv=None):
         print(f"\n--- prefill {len(ids)} tokens in {(t_first or t0) - t0:.2f}s; decode {steps} tokens at "
               f"{steps / decode_s:.1f} tokens/s, {steps * n_bytes / decode_s / 1e9:.2f} GB/s of weights read")
     if all_ran:   # FLOPs at the mean context of the last answer
-        report_depth(model, all_pieces, all_ran, len(ids) + len(out) // 2, args.depth_out)
+        report_depth(model, all_pieces, all_ran, len(ids) + len(out) // 2, args.depth_out, args.depth_png)
 
 
-def report_depth(model, pieces, ran, context, path):
+def report_depth(model, pieces, ran, context, path, png=""):
     """Mean attentions and MLPs run over every token shown, layer FLOPs saved, the picture."""
     cfg = model.config
     per_layer = torch.stack(ran).double().mean(0)          # (n_layer, 2)
@@ -358,6 +394,8 @@ def report_depth(model, pieces, ran, context, path):
           f"{cfg.n_layer}{inserted}; {100 * saved:.1f}% of layer FLOPs saved")
     write_depth_html(path, pieces, ran, cfg)
     print(f"token x layer picture: {path}")
+    if png and write_depth_png(png, pieces, ran, cfg):
+        print(f"the same as a PNG: {png}")
 
 
 if __name__ == "__main__":

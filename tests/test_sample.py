@@ -11,7 +11,7 @@ import torch
 import dlo
 import weights
 from conftest import tiny_model
-from sample import sample_next
+from sample import RGB, sample_next, write_depth_png
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +50,9 @@ def test_depth_view_and_picture(folders):
     """Every token is shown with its depth, the prompt's and the answer's; the depth varies
     from token to token, and the sink (the first prompt token) runs every layer."""
     html = folders / "depth.html"
+    png = folders / "depth.png"
     r = sample("--init_from", str(folders / "routed.pt"), "--max_new_tokens", "12", "--depth_out", str(html),
-               "--mode", "raw", "--prompt", "Hello there, how are you doing today?")
+               "--depth_png", str(png), "--mode", "raw", "--prompt", "Hello there, how are you doing today?")
     assert r.returncode == 0, r.stderr
     prompt_part, answer_part = r.stdout.split("--- answer:")
     depth = lambda text: [int(d) for d in re.findall(r"\|(\d+)\]", text)]   # not a TTY: [token|layers]
@@ -62,6 +63,26 @@ def test_depth_view_and_picture(folders):
     assert "4.00 attentions and" in r.stdout and "% of layer FLOPs saved" in r.stdout
     page = html.read_text()
     assert page.startswith("<!doctype html>") and page.count("<tr>") == 1 + len(prompt) + 12
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"the same as a PNG: {png}" in r.stdout
+
+
+def test_depth_png_draws_what_ran(tmp_path):
+    """The PNG's cells take the depth view's colours: a layer whose MLP every token skipped
+    shows "attention only" (orange), and a model that ran everything shows none of it."""
+    image = pytest.importorskip("matplotlib.image")
+    cfg = tiny_model().config
+    ran = [torch.ones(cfg.n_layer, 2, dtype=torch.bool) for _ in range(6)]
+    orange = torch.tensor(RGB[True, False])
+
+    def has_orange(rows):
+        write_depth_png(str(tmp_path / "d.png"), ["a", "$b", "\n"] * 2, rows, cfg)
+        pixels = torch.tensor(image.imread(str(tmp_path / "d.png"))[..., :3])
+        return bool(((pixels - orange).abs().amax(-1) < 0.02).any())
+
+    assert not has_orange(ran)
+    for row in ran:
+        row[2, 1] = False
+    assert has_orange(ran)
 
 
 @pytest.mark.slow
