@@ -1,26 +1,40 @@
-"""The compact KV cache (cache.py): exact decoding, and bytes allocated as the policy says."""
+"""The compact KV cache (cache.py): exact decoding, bytes allocated as the policy says, and
+eviction under "window" that keeps exactly the kept tokens and the window.
+
+Decoding matches the full forward to ~2e-7; a kept token evicted, or a window one position
+short, moves the logits by ~1e-1 (conftest.routed_tiny). A window one position long leaves
+the logits alone (the mask still hides the extra entry), so the live entries are checked
+one by one."""
 import math
 
 import pytest
 import torch
 
-from conftest import cached_logits, full_logits, routed_tiny, tiny_model
+from conftest import (KIND_POLICIES, TOL, assert_decode_equals_full_forward, cached_logits, full_decisions,
+                      full_logits, routed, routed_tiny, tiny_model)
 from router import Rule
 from sample import kv_caches
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.mark.parametrize("route,policy", [("none", "compute"), ("attn", "drop"), ("attn", "compute"),
-                                          ("attn+mlp", "drop"), ("block", "drop"), ("attn", "window"),
-                                          ("kv", "window")])
-@pytest.mark.parametrize("page", [1, 4, 256])
-def test_compact_cache_decode_equals_full_forward(route, policy, page):
-    """Also under "window", where tokens not kept are evicted as the cache grows."""
-    model = tiny_model() if route == "none" else routed_tiny(route, kv_policy=policy, kv_window=3, sink_tokens=1)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 14)]
-    rule = Rule(kind="threshold", threshold=0.5)
-    for got, prompt in zip(cached_logits(model, prompts, rule, page=page), prompts):
-        assert (got - full_logits(model, prompt, rule)).abs().max() < 1e-4
+PER_ENTRY = 2 * 2 * 8 * 4 + 4   # K and V (2 heads x 8 dims, fp32) and an int32 slot
+
+
+def live_slots(cache, b=0):
+    """The slots of row b's entries, in the order the cache holds them."""
+    slot = cache.slot[b]
+    return slot[slot >= 0].tolist()
+
+
+@pytest.mark.parametrize("kind,policy", [("none", "compute")] + KIND_POLICIES)
+@pytest.mark.parametrize("page", [1, 256])
+def test_compact_cache_decode_equals_full_forward(kind, policy, page):
+    """The compact cache, grown an entry at a time (under "window": evicting at every
+    step) or never regrown, decodes one prompt (Block.route_one) and a ragged batch with
+    the decisions and logits of each prompt's full forward, for every routed kind under
+    every K/V policy it takes (test_routing covers pages of 4)."""
+    model = tiny_model() if kind == "none" else routed(kind, policy)
+    assert_decode_equals_full_forward(model, page, lambda: Rule("threshold", 0.5))
 
 
 @pytest.mark.parametrize("page", [1, 5])
@@ -29,56 +43,100 @@ def test_compact_cache_allocates_what_the_policy_says(page):
     whole pages, times (K and V entries + an int32 slot) per batch row; a skipped
     attention stores nothing, a dense one stores every real token."""
     model = routed_tiny("attn", kv_policy="drop", sink_tokens=1, layers=[1, 2])
-    idx = torch.randint(0, 97, (2, 12))
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, :3] = False                                              # a left-padded row
     positions = (valid.cumsum(1) - 1).clamp(min=0)
     with kv_caches(model, 2, 12, page) as m:
         m(idx, input_pos=torch.arange(12), positions=positions, valid=valid, rule=Rule("threshold", 0.5))
         ran = {t.layer: t.sel for t in m.route_trace}
-        per_entry = 2 * 2 * 8 * 4 + 4                                  # K and V: 2 heads x 8 dims, fp32; slot
         for i, layer in enumerate(m.layers):
             stored = (ran[i] & valid).sum(1) if i in ran else valid.sum(1)
             assert 0 < int(stored.min()) and (i not in ran or int(stored.max()) < 12)
-            want = 2 * math.ceil(int(stored.max()) / page) * page * per_entry
+            want = 2 * math.ceil(int(stored.max()) / page) * page * PER_ENTRY
             assert layer.self_attn.kv_cache.nbytes() == want
             assert torch.equal((layer.self_attn.kv_cache.slot >= 0).sum(1), stored)
 
 
-def test_window_eviction_keeps_the_kept_tokens_and_the_window():
-    """Decoding token by token with K/V retention: a layer holds its kept tokens, the last
-    kv_window positions and at most a page more, never the whole sequence."""
-    window, page = 3, 2
+def test_window_eviction_keeps_exactly_the_kept_tokens_and_the_window():
+    """Decoding token by token under K/V retention (window 3, pages of 2), after every step
+    each layer holds, in arrival order, exactly its kept tokens and the positions fewer than
+    kv_window behind its last eviction, which came less than a page of positions ago; its
+    bytes are those entries rounded up to whole pages. The logits equal the full forward's."""
+    window, page, n = 3, 2, 40
     model = routed_tiny("kv", kv_policy="window", kv_window=window, sink_tokens=1)
-    prompt = torch.randint(0, 97, (1, 40)).tolist()[0]
-    with kv_caches(model, 1, 40, page) as m:
-        for t in range(40):
-            m(torch.tensor([[prompt[t]]]), input_pos=torch.tensor([t]), positions=torch.tensor([[t]]),
-              rule=Rule("threshold", 0.5))
-        for layer in m.layers:
+    prompt = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(4)).tolist()
+    kept = {}   # layer -> kept flag per slot so far
+
+    def check(m, last):
+        for t in m.route_trace:
+            kept.setdefault(t.layer, []).extend(t.sel[0].tolist())
+        for i, layer in enumerate(m.layers):
             cache = layer.self_attn.kv_cache
-            live = cache.slot[0] >= 0
-            kept = int((live & cache.kept[0]).sum())
-            assert int(live.sum()) <= kept + window + page < 40
-            recent = cache.slot[0][live & ~cache.kept[0]]
-            assert recent.numel() == 0 or int(recent.min()) > 39 - window - page
-            assert cache.nbytes() == cache.k.size(2) * (2 * 2 * 8 * 4 + 4 + 1)
+            assert last - page < cache.swept <= last or last < page
+            want = [s for s in range(last + 1) if kept[i][s] or cache.swept - s < window]
+            assert live_slots(cache) == want
+            assert cache.nbytes() == math.ceil(len(want) / page) * page * (PER_ENTRY + 1)   # + a kept flag
+
+    rule = Rule("threshold", 0.5)
+    got = cached_logits(model, [prompt], rule, page=page, split=1, on_step=check)[0]
+    assert (got - full_logits(model, prompt, rule)).abs().max() < TOL
+    assert all(4 < sum(flags) < n - 4 for flags in kept.values())   # both kinds of entry, in every layer
 
 
 def test_a_long_prompt_is_freed_at_the_first_decode_step():
     """A prompt written in one chunk is held whole while its own queries attend; the next
-    token's write evicts what no later query sees and frees the emptied pages."""
+    token's write evicts exactly the prompt's tokens that are not kept and kv_window or more
+    positions behind it, and frees the emptied pages."""
     window, page, n = 3, 4, 40
     model = routed_tiny("kv", kv_policy="window", kv_window=window, sink_tokens=1)
-    prompt = torch.randint(0, 97, (1, n))
+    prompt = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(5))
+    rule = Rule("threshold", 0.5)
     with kv_caches(model, 1, n + 1, page) as m:
-        m(prompt, input_pos=torch.arange(n), rule=Rule("threshold", 0.5))
+        m(prompt, input_pos=torch.arange(n), rule=rule)
+        kept = {t.layer: t.sel[0].tolist() for t in m.route_trace}
         assert all(layer.self_attn.kv_cache.k.size(2) == n for layer in m.layers)
-        m(prompt[:, :1], input_pos=torch.tensor([n]), positions=torch.tensor([[n]]), rule=Rule("threshold", 0.5))
-        for layer in m.layers:
+        m(prompt[:, :1], input_pos=torch.tensor([n]), positions=torch.tensor([[n]]), rule=rule)
+        for i, layer in enumerate(m.layers):
             cache = layer.self_attn.kv_cache
-            live = cache.slot[0] >= 0
-            kept = int((live & cache.kept[0]).sum())
-            assert int(live.sum()) <= kept + window + 1
-            assert cache.k.size(2) == math.ceil(int(live.sum()) / page) * page
-        assert any(layer.self_attn.kv_cache.k.size(2) < n for layer in m.layers)   # something was freed
+            want = [s for s in range(n) if kept[i][s] or n - s < window] + [n]
+            assert live_slots(cache) == want
+            assert cache.k.size(2) == math.ceil(len(want) / page) * page < n   # pages were freed
+
+
+@pytest.mark.parametrize("route", ["kv", "attn"])
+def test_eviction_at_long_context_equals_the_uncached_window_policy(route):
+    """600 tokens, a window of 16, pages of 64: decoding one prompt token by token (under
+    "attn" through Block.route_one) and a ragged batch 8 tokens per forward evicts pages
+    along the way and still makes the decisions and gives the logits of each prompt's full
+    forward under the window policy. At the end each row of each layer holds exactly its
+    kept tokens and the window behind the last eviction, in fewer pages than 600 positions."""
+    window, page = 16, 64
+    model = routed_tiny(route, base=tiny_model(block_size=640), kv_policy="window", kv_window=window, sink_tokens=1)
+    g = torch.Generator().manual_seed(6)
+    rule = Rule("threshold", 0.5)
+    for lengths, split, step in (((600,), 472, 1), ((600, 537), 344, 8)):
+        prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
+        P, end = max(lengths), {}
+
+        def check(m, last):
+            if last == P - 1:
+                end.update(swept=[layer.self_attn.kv_cache.swept for layer in m.layers],
+                           live=[[live_slots(layer.self_attn.kv_cache, b) for b in range(len(prompts))]
+                                 for layer in m.layers],
+                           capacity=[layer.self_attn.kv_cache.k.size(2) for layer in m.layers])
+
+        got, sel = cached_logits(model, prompts, rule, page=page, split=split, step=step, decisions=True,
+                                 on_step=check)
+        for b, prompt in enumerate(prompts):
+            assert (got[b] - full_logits(model, prompt, rule)).abs().max() < TOL
+            assert torch.equal(sel[b], full_decisions(model))
+        for i in range(len(model.layers)):     # one routed part per layer: decision i is layer i's
+            assert P - 1 - page < end["swept"][i] and end["swept"][i] > split   # decode evicted, lately
+            for b, prompt in enumerate(prompts):
+                offset = P - len(prompt)
+                want = [offset + s for s in range(len(prompt))
+                        if sel[b][i, s] or end["swept"][i] - (offset + s) < window]
+                assert end["live"][i][b] == want and len(want) < len(prompt) - page
+            longest = max(len(row) for row in end["live"][i])
+            assert end["capacity"][i] == math.ceil(longest / page) * page < P

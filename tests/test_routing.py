@@ -1,4 +1,8 @@
-"""Routing rules, labels and routed KV-cache decoding on tiny random models."""
+"""Routing rules, labels and routed KV-cache decoding on tiny random models.
+
+conftest.routed_tiny makes every decision show in the logits: a wrong decision, gate,
+window or RoPE position moves them by 1e-2..4e-1, while cached decode matches the full
+forward to ~2e-7. The tolerances below sit orders of magnitude from both."""
 import math
 
 import pytest
@@ -6,80 +10,156 @@ from hypothesis import given, settings, strategies as st
 import torch
 
 import dlo
-from conftest import cached_logits, full_logits, routed_tiny, tiny_model
+from conftest import (KINDS, KIND_POLICIES, LENGTHS, TOL, assert_decode_equals_full_forward, cached_logits,
+                      full_logits, routed, routed_tiny, tiny_model)
 from router import (Rule, Trace, add_selected, load_loss, make_labels, router_loss, select_threshold, select_topk,
                     similarity_labels)
 from schedule import CapacitySchedule, dynamic_lr_scales
 from model import Context, rope_tables
 from sample import generate, generate_stream, kv_caches
 
-
-ROUTINGS = [("mlp", {}), ("attn", {}), ("attn+mlp", {}), ("block", {}),
-            ("block", {"layers": [1, 3], "attn_layers": [0, 2]})]   # inserted blocks whole, attention elsewhere
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("route,layers", ROUTINGS + [("kv", {})])
-@pytest.mark.parametrize("policy", ["compute", "drop", "window"])
-@pytest.mark.parametrize("lengths", [(9, 21, 14), (21,)])
-def test_cached_decode_equals_full_forward_with_routing(route, layers, policy, lengths):
-    """Prefill then token-by-token decode of a ragged batch, or of one prompt (whose
-    decode steps take Block.route_one), gives the logits of the full forward of each
-    prompt alone, whatever is routed and whichever KV policy (a window of 4 positions)."""
-    if route == "kv" and policy != "window":
-        pytest.skip("K/V retention needs the window policy")
-    model = routed_tiny(route, kv_policy=policy, kv_window=4, sink_tokens=1, **layers)
+@pytest.mark.parametrize("kind,policy", KIND_POLICIES)
+@pytest.mark.parametrize("page", [0, 4])
+def test_cached_decode_equals_full_forward_with_routing(kind, policy, page):
+    """Prefill then token-by-token decode, of one prompt and of a ragged batch, makes the
+    decisions and gives the logits of each prompt's full forward alone, for every routed
+    kind under every K/V policy (a window of 4 positions), with the static cache (page 0)
+    and the compact one (cache.py, pages of 4 entries)."""
+    model = routed(kind, policy)
+    assert_decode_equals_full_forward(model, page, lambda: Rule("threshold", 0.5))
+
+
+def random_decisions(seed, capacity, prompts):
+    """What Rule("random") decides in cached_logits' run of `prompts`: each forward draws one
+    (B, T) block per routed part, in slot order, from the rule's generator; a part runs
+    where its draw < capacity. (n_parts, B, P)."""
+    g = torch.Generator().manual_seed(seed)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    chunks = [P // 2] + [1] * (P - P // 2)
+    draws = [[torch.rand(B, T, generator=g) for _ in capacity] for T in chunks]
+    return torch.stack([torch.cat([d[s] for d in draws], 1) for s in range(len(capacity))]) < capacity[:, None, None]
+
+
+# each rule over every kind it applies to ("kv" has no gate and ignores the predictor),
+# under a policy where a skipped attention's K/V is handled apart ("mlp" skips none)
+GATED = [kind for kind in KINDS if kind != "kv"]
+RULE_CASES = ([("mod", kind, "compute" if kind == "mlp" else "drop") for kind in GATED]
+              + [("predictor", kind, "compute" if kind == "mlp" else "window") for kind in GATED]
+              + [("static", kind, {"mlp": "compute", "kv": "window"}.get(kind, "drop")) for kind in KINDS]
+              + [("random", kind, {"mlp": "compute"}.get(kind, "window")) for kind in KINDS])
+
+
+@pytest.mark.parametrize("name,kind,policy", RULE_CASES)
+@pytest.mark.parametrize("page", [0, 4])
+def test_cached_decode_equals_full_forward_under_every_rule(name, kind, policy, page):
+    """The same for MoD's gate (the branch times p), MoD's predictor deciding, static
+    pruning (whole parts) and random routing. The random rule draws in the order of its
+    forwards, so the full forward's reference replays the decode's draws as a mask rule:
+    the decisions and the logits must then agree exactly."""
+    options = {"mod": {"route_gate": "mod"}, "predictor": {"route_predictor": True}}.get(name, {})
+    model = routed(kind, policy, **options)
+    n = len(model.config.route_slots())
+    reference = None
+    if name == "static":
+        make_rule = lambda: Rule("static", capacity=torch.tensor([1.0, 0.0] * n)[:n])
+    elif name == "random":
+        capacity = torch.full((n,), 0.5)
+        make_rule = lambda: Rule("random", capacity=capacity, generator=torch.Generator().manual_seed(5))
+        reference = lambda prompts, b: Rule("mask", masks=list(
+            random_decisions(5, capacity, prompts)[:, b, -len(prompts[b]):][:, None]))
+    else:
+        make_rule = lambda: Rule("threshold", 0.5, use_predictor=name == "predictor")
+    assert_decode_equals_full_forward(model, page, make_rule, reference)
+    if name == "predictor":   # the predictor decides, not the router
+        full_logits(model, list(range(13)), make_rule())
+        for t in model.route_trace:
+            assert torch.equal(t.sel & t.routable, (torch.sigmoid(t.pred_logit) >= 0.5) & t.routable)
+        assert any(not torch.equal(t.sel, (t.p >= 0.5) | ~t.routable) for t in model.route_trace)
+
+
+@pytest.mark.parametrize("route", ["mlp", "attn", "attn+mlp", "block", "kv"])
+def test_zero_routers_run_every_token_in_every_path(route):
+    """Zero-initialised routers give p = 0.5 exactly, and a tie at the threshold runs (as
+    top-k keeps ties): the full forward, ragged cached decode and batch-1 decode (whose
+    decision Block.route_one takes on the host) all run every token and give the dense
+    model's logits. A tie that skips drops whole branches: the logits move by >= 7e-2."""
+    model = routed_tiny(route, scale=0.0, kv_policy="window" if route == "kv" else "drop", kv_window=4)
+    dense = dlo.activate(model, "none")
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
-    rule = Rule(kind="threshold", threshold=0.5)
-    for got, prompt in zip(cached_logits(model, prompts, rule), prompts):
-        want = full_logits(model, prompt, rule)
-        frac = float(torch.cat([t.sel.float().flatten() for t in model.route_trace]).mean())
-        assert 0.2 < frac < 0.8, "the test must route some tokens and skip others"
-        assert (got - want).abs().max() < 1e-4
+    for lengths in LENGTHS:
+        prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
+        got, sel = cached_logits(model, prompts, Rule("threshold", 0.5), decisions=True)
+        for b, prompt in enumerate(prompts):
+            assert sel[b].all()
+            assert (got[b] - full_logits(dense, prompt)).abs().max() < TOL
+            assert (full_logits(model, prompt, Rule("threshold", 0.5)) - full_logits(dense, prompt)).abs().max() < TOL
 
 
-@pytest.mark.parametrize("route,layers", ROUTINGS[1:])
-@pytest.mark.parametrize("policy", ["compute", "drop", "window"])
-def test_gathered_attention_equals_the_masked_dense_pass(route, layers, policy):
+@pytest.mark.parametrize("kind,policy", [(k, p) for k, p in KIND_POLICIES if k not in ("mlp", "kv")])
+def test_gathered_attention_equals_the_masked_dense_pass(kind, policy):
     """The selected tokens' attention, run alone (gathered queries; under drop their K/V
     only), equals the labels' dense pass over every token, whose skipped rows are discarded:
     in training and evaluation (no cache), right-padded rows included."""
-    model = routed_tiny(route, kv_policy=policy, kv_window=4, sink_tokens=1, **layers)
+    model = routed(kind, policy)
     g = torch.Generator().manual_seed(4)
     idx = torch.randint(0, 97, (3, 13), generator=g)
     valid = torch.arange(13)[None] < torch.tensor([[13], [7], [10]])
     with torch.no_grad():
         sparse, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5))
         dense, _ = model(idx, valid=valid, rule=Rule("threshold", 0.5, similarity=True))
-    assert (sparse - dense)[valid].abs().max() < 1e-5
+    assert (sparse - dense)[valid].abs().max() < TOL
 
 
-def test_window_policy_hides_unkept_keys_beyond_the_window():
-    """Under "window", a later query sees a token that skipped (or is not kept) only while
-    fewer than kv_window positions separate them: perturbing that token's value at the
-    last layer moves its output and the next two, and no later one."""
-    model = dlo.activate(tiny_model(n_layer=2), "kv", layers=[1], kv_policy="window", kv_window=3)
+def perturbing_hook(norm, row, delta=5.0):
+    """A forward hook on `norm` that adds delta to every output row whose input equals `row`:
+    it changes the q, k and v that Attention projects from that token, whichever path
+    projects them (the module call or F.linear on the weights). Returns (handle, hits):
+    hits counts the matching rows of each call."""
+    hits = []
+
+    def hook(module, args, out):
+        match = (args[0] == row).all(-1)
+        hits.append(int(match.sum()))
+        return out + delta * match[..., None]
+    return norm.register_forward_hook(hook), hits
+
+
+def block_inputs(model, i, idx):
+    """The input of block i for every token of idx (1, T), and the full forward's logits (T, V)."""
+    seen = []
+    handle = model.layers[i].register_forward_pre_hook(lambda m, args: seen.append(args[0][0]))
     with torch.no_grad():
-        model.layers[1].attn_router.weight.normal_(0, 0.5)
-    idx = torch.randint(0, 97, (1, 16))
-    model(idx)
-    kept = model.route_trace[0].sel[0]
-    j = int((~kept[:8]).nonzero()[0, 0])          # a token that is not kept, with many after it
-    attn = model.layers[1].self_attn
-    original = attn.qkv_proj.forward
+        logits = model(idx)[0][0]
+    handle.remove()
+    return seen[0], logits
 
-    def perturbed(x):
-        out = original(x).clone()
-        out[:, j, -attn.sizes[2]:] += 5.0
-        return out
 
+@pytest.mark.parametrize("route", ["kv", "attn"])
+def test_window_policy_hides_unkept_keys_beyond_the_window(route):
+    """Under "window", a token that is not kept (K/V retention) or skipped the attention stays
+    visible for kv_window positions. Perturbing, at the last layer, the normed input its K/V
+    are projected from moves exactly the outputs of the tokens whose queries ran there within
+    the window from it (its own query too, under "kv"; by 1e-1 or more), and no other, not
+    even the first query past the window that ran."""
+    window, T = 3, 16
+    model = routed_tiny(route, base=tiny_model(n_layer=2), layers=[1], kv_policy="window", kv_window=window)
+    idx = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(0))
+    x, base = block_inputs(model, 1, idx)
+    sel = model.route_trace[0].sel[0]
+    ran = torch.ones(T, dtype=torch.bool) if route == "kv" else sel      # whose queries ran layer 1's attention
+    j = next(j for j in range(2, T - window)                             # tokens before it, and queries that ran
+             if not sel[j] and ran[j + 1:j + window].any() and ran[j + window])   # within and just past the window
+    handle, hits = perturbing_hook(model.layers[1].input_layernorm, x[j])
     with torch.no_grad():
-        base = model(idx)[0]
-        attn.qkv_proj.forward = perturbed
-        moved = model(idx)[0]
-        attn.qkv_proj.forward = original
-    changed = (moved - base).abs().amax(-1)[0] > 1e-6
-    assert changed[j:j + 3].all() and not changed[j + 3:].any() and not changed[:j].any()
+        moved = model(idx)[0][0]
+    handle.remove()
+    want = torch.zeros(T, dtype=torch.bool)
+    want[j:j + window] = ran[j:j + window]
+    assert hits == [1]
+    assert torch.equal((moved - base).abs().amax(-1) > 1e-6, want)
 
 
 @torch.no_grad()
@@ -115,31 +195,27 @@ def test_drop_policy_writes_no_kv_for_tokens_that_skip_attention(route):
 
 
 def test_skipped_token_kv_is_not_attended_under_drop():
-    """Change the input embedding of a token that skips layer 1; outputs of later tokens
-    may only change through layers that token ran, so with all other layers dense and
-    only layer 1 routed (and the token skipping it), perturbing its K/V at layer 1 alone
-    must not move anything."""
-    model = dlo.activate(tiny_model(), "block", layers=[1], kv_policy="drop")
-    with torch.no_grad():
-        model.layers[1].router.weight.normal_(0, 0.5)
-    idx = torch.randint(0, 97, (1, 12))
-    model(idx)
-    sel = model.route_trace[0].sel[0]
-    j = int((~sel[:-1]).nonzero()[0, 0])        # a skipped token with later tokens after it
-    base = model(idx)[0]
-    attn = model.layers[1].self_attn
-    original = attn.qkv_proj.forward
-
-    def perturbed(x):                             # change only token j's value vector
-        out = original(x).clone()
-        if out.size(1) > j:
-            out[:, j, -attn.sizes[2]:] += 5.0
-        return out
-
-    attn.qkv_proj.forward = perturbed
-    moved = model(idx)[0]
-    attn.qkv_proj.forward = original
-    assert (moved - base).abs().max() < 1e-6
+    """Under "drop", a token that skips a block writes no K/V there: perturbing the normed
+    input its K/V would be projected from moves no output, and the norm never sees its row.
+    The same perturbation under "compute", where the token still writes K/V, moves every
+    output from the first later token that ran the block (by ~1e-2 or more), and none before."""
+    T = 12
+    idx = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(2))
+    for policy in ("drop", "compute"):
+        model = routed_tiny("block", layers=[1], kv_policy=policy)
+        x, base = block_inputs(model, 1, idx)
+        sel = model.route_trace[0].sel[0]
+        j = next(j for j in range(2, T) if not sel[j] and sel[j + 1:].any())   # skipped, a later token ran
+        handle, hits = perturbing_hook(model.layers[1].input_layernorm, x[j])
+        with torch.no_grad():
+            moved = model(idx)[0][0]
+        handle.remove()
+        changed = (moved - base).abs().amax(-1) > 1e-6
+        if policy == "drop":
+            assert sum(hits) == 0 and torch.equal(moved, base)
+        else:
+            first = j + 1 + int(sel[j + 1:].nonzero()[0, 0])
+            assert sum(hits) == 1 and torch.equal(changed, torch.arange(T) >= first)
 
 
 def test_add_selected_runs_only_the_selected_rows_and_matches_the_dense_label_path():
@@ -252,27 +328,38 @@ def test_router_loss_is_autocast_safe():
 
 
 def test_capacity_schedule_warmup_anneal_and_split():
+    """c_bar holds at `start` through warm-up, then falls linearly to `end`. The labels
+    split gives c_l = 1 - a (1 - f_l) with mean c_bar (a part labelled "run all" keeps 1),
+    and f_l * c_bar / mean f below the labels' own mean; "rescale" gives f_l * c_bar / mean f,
+    clamped to 1. DLO's dynamic LR is c_l + (1 - mean c)."""
     s = CapacitySchedule(3, start=1.0, end=0.8, warmup=10, anneal=20)
     assert [s.global_capacity(t) for t in (0, 9, 10, 20, 30, 99)] == [1.0, 1.0, 1.0, 0.9, 0.8, 0.8]
     assert s.capacities(25).tolist() == [s.global_capacity(25)] * 3        # no labels seen yet: uniform
-    s.update(torch.tensor([1.0, 0.4, 1.0], dtype=torch.float64))                              # labels skip only in layer 1
+    s.update(torch.tensor([1.0, 0.4, 1.0], dtype=torch.float64))           # labels skip only in layer 1
     assert s.capacities(5).tolist() == [1.0, 1.0, 1.0]                     # warm-up: nothing skipped
-    caps = s.capacities(30)
-    assert caps.tolist()[0] == 1.0 and caps.tolist()[2] == 1.0             # "run all" layers keep 1.0
-    assert abs(float(caps.mean()) - 0.8) < 1e-12 and abs(float(caps[1]) - 0.4) < 1e-12
+    torch.testing.assert_close(s.capacities(25), torch.tensor([1.0, 0.55, 1.0], dtype=torch.float64),
+                               rtol=0, atol=1e-12)                         # c_bar 0.85: a = 0.15 / 0.2
+    torch.testing.assert_close(s.capacities(30), torch.tensor([1.0, 0.4, 1.0], dtype=torch.float64),
+                               rtol=0, atol=1e-12)                         # c_bar 0.8: a = 1
+    s.update(torch.tensor([0.6, 0.4, 1.0], dtype=torch.float64))           # a moving average, momentum 0.9
+    torch.testing.assert_close(s.label_frac, torch.tensor([0.96, 0.4, 1.0], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    below = CapacitySchedule(3, start=0.5, end=0.5, anneal=0)
+    below.update(torch.tensor([1.0, 0.4, 1.0], dtype=torch.float64))       # c_bar 0.5 < mean f 0.8
+    torch.testing.assert_close(below.capacities(0), torch.tensor([0.625, 0.25, 0.625], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
     official = CapacitySchedule(3, start=1.0, end=0.8, warmup=0, anneal=20, split="rescale")
     official.update(torch.tensor([1.0, 0.4, 1.0], dtype=torch.float64))
-    assert official.capacities(10).tolist()[0] < 1.0 or official.capacities(10).tolist()[1] > 0.4
-    assert abs(sum(dynamic_lr_scales([0.5, 1.0, 0.9])) / 3 - 1.0) < 1e-12
+    torch.testing.assert_close(official.capacities(10), torch.tensor([1.0, 0.45, 1.0], dtype=torch.float64),
+                               rtol=0, atol=1e-12)                         # c_bar 0.9: [1.125, 0.45, 1.125]
+    torch.testing.assert_close(torch.tensor(dynamic_lr_scales([0.5, 1.0, 0.9])), torch.tensor([0.7, 1.2, 1.1]),
+                               rtol=0, atol=1e-12)                         # mean c = 0.8
 
 
 def test_sinks_never_skip():
     """The first r positions of each row run every routed layer under top-k in training,
     the threshold at inference, and in cached decode; they take no part in the top-k count."""
-    model = dlo.activate(tiny_model(), "mlp", sink_tokens=2)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.router.weight.normal_(0, 0.5)
+    model = routed_tiny("mlp", sink_tokens=2)
     idx = torch.randint(0, 97, (3, 12))
     valid = torch.arange(12)[None] < torch.tensor([[12], [7], [1]])
     for rule in (Rule("topk", capacity=torch.full((4,), 0.1, dtype=torch.float64)), Rule("threshold", 1.01)):
@@ -302,12 +389,10 @@ def test_mod_topk_routes_exactly_topk_at_original_positions():
     """Mixture-of-Depths: the top-k tokens of a layer form a shorter sequence, in causal
     order, at their own RoPE positions; out = x + r * (block(x) - x) for them (the
     residual added once), and the others pass unchanged."""
-    model = dlo.activate(tiny_model(), "block", layers=[1], kv_policy="drop", route_gate="mod")
-    with torch.no_grad():
-        model.layers[1].router.weight.normal_(0, 0.5)
+    model = routed_tiny("block", layers=[1], kv_policy="drop", route_gate="mod")
     block = model.layers[1]
     T = 16
-    x = torch.randn(1, T, 32)
+    x = 0.03 * torch.randn(1, T, 32, generator=torch.Generator().manual_seed(6))   # the residual's scale
     positions = torch.arange(T)[None]
     rope = rope_tables(positions, 8, 10000.0)
     valid = torch.ones(1, T, dtype=torch.bool)
@@ -325,7 +410,37 @@ def test_mod_topk_routes_exactly_topk_at_original_positions():
         sub_out, _ = dense(sub, Context(sub_rope, sub_valid, sub_valid, None, rule, causal_only=True), 0)
         want = x.clone()
         want[:, top] = sub + p[top][None, :, None] * (sub_out - sub)
-    assert (out - want).abs().max() < 1e-5
+    assert (out - want).abs().max() < 1e-5       # a gate of 1 instead of p (0.66..0.90 here) moves it by 6e-2
+
+
+def test_dlo_gate_scales_the_selected_mlp_in_both_paths():
+    """DLO (arXiv 2407.11030, eq. 3), its router reading the block input x: a token that runs
+    the MLP gets h + g(p) mlp(h), g(p) = 1 + gap (p - 0.5), one that skips gets h = x + attn(x);
+    in the batched path and in Block.route_one, which decides one token on the host."""
+    model = routed_tiny("mlp", sink_tokens=1)
+    block, T, gap = model.layers[2], 12, model.config.route_gap
+    x = 0.03 * torch.randn(1, T, 32, generator=torch.Generator().manual_seed(6))   # the residual's scale
+    positions = torch.arange(T)[None]
+    rule = Rule("threshold", 0.5)
+
+    def want(x, positions, single):
+        ctx = Context(rope_tables(positions, 8, 10000.0), torch.ones_like(positions, dtype=torch.bool),
+                      positions >= 1, None, rule, causal_only=True, single=single)
+        h = x + block.attention(x, ctx)
+        y = block.mlp(block.post_attention_layernorm(h))
+        p = torch.sigmoid(x @ block.router.weight[0])
+        run = (p >= 0.5) | (positions < 1)
+        gate = 1 + gap * (p - 0.5)
+        return block(x, ctx, 0)[0], h + (run * gate)[..., None] * y, run, (p - 0.5).abs()[..., None] * y
+
+    with torch.no_grad():
+        out, expected, run, gate_effect = want(x, positions, single=False)
+        assert run[0, 1:].any() and not run.all()
+        assert (gate_effect[run].abs().max()) > 1e-3       # g(p) = 1 would move the output by this
+        assert (out - expected).abs().max() < 1e-6
+        for t in range(T):                                 # each token alone: batch-1 decode's path
+            out, expected, _, _ = want(x[:, t:t + 1], positions[:, t:t + 1], single=True)
+            assert (out - expected).abs().max() < 1e-6
 
 
 @st.composite
