@@ -135,11 +135,34 @@ def test_autograd_takes_the_reference_and_gets_gradients():
     assert w.grad is not None and w.grad.abs().sum() > 0
 
 
-def test_bf16_under_the_interpreter_falls_back_to_the_reference():
+def test_bf16_under_the_interpreter_falls_back_to_the_reference(monkeypatch):
+    """The interpreter runs on numpy, which has no bf16: route_gather on bf16 tensors must
+    take the PyTorch reference (a spy counts the calls of each path) even with
+    FORCE_TRITON, and give what the block computes, written out here in bf16: p from an
+    fp32 logit, the tokens with p >= 0.5 among the valid ones, and model.RMSNorm of their rows."""
+    calls = {"triton": 0, "reference": 0}
+
+    def spy(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+    for name in calls:
+        monkeypatch.setattr(kernels, f"route_gather_{name}", spy(name, getattr(kernels, f"route_gather_{name}")))
     x, h, w, nw, valid = (t.bfloat16() if t.is_floating_point() else t for t in inputs())
     p, idx, rows = kernels.route_gather(x, h, w, nw, EPS, threshold=0.5, valid=valid)
-    p_ref, idx_ref, rows_ref = kernels.route_gather_reference(x, h, w, nw, EPS, threshold=0.5, valid=valid)
-    assert torch.equal(idx, idx_ref) and torch.equal(rows, rows_ref)
+    assert calls == {"triton": 0, "reference": 1}
+    want_p = torch.sigmoid(x.float() @ w.float().reshape(-1))
+    want_idx = ((want_p >= 0.5) & valid).nonzero().squeeze(1)
+    norm = RMSNorm(C, EPS).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(nw)
+        want_rows = norm(h[want_idx])
+    assert 0 < want_idx.numel() < int(valid.sum())
+    assert torch.allclose(p, want_p, atol=1e-6) and torch.equal(idx, want_idx)
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, want_rows)
+    kernels.route_gather(*(t.float() for t in (x, h, w, nw)), EPS, threshold=0.5, valid=valid)
+    assert calls == {"triton": 1, "reference": 1}   # the same call in fp32 takes the kernels: the spy sees them
 
 
 def test_routed_model_same_logits_with_kernels_and_references(monkeypatch):

@@ -69,24 +69,41 @@ def test_sampling_is_seeded_and_topk_restricts():
     assert top1 == generate(model, [[1, 2]], 12)[0]   # top-1 sampling is greedy
 
 
-@pytest.mark.parametrize("chunk", [4096, 5])
+@pytest.mark.parametrize("chunk", [4096, 5, 4])
 def test_loss_only_on_targets_in_chunks(monkeypatch, chunk):
     """The loss never materialises all logits: it runs the head on target positions only,
     a chunk at a time (recomputed in backward), and equals plain cross-entropy, in value
-    and in gradient, for every reduction."""
+    and in gradient, for every reduction. A forward hook on lm_head records the rows of
+    each call: none sees more than LOSS_CHUNK rows, and laid end to end they are exactly
+    the final-norm states of the 13 targets, in order, each once. 13 = 3 x 4 + 1 = 2 x 5 + 3:
+    the last chunk is partial, so a loss that drops it fails."""
     monkeypatch.setattr(model_module, "LOSS_CHUNK", chunk)
     model = tiny_model().train()
     idx = torch.randint(0, 97, (2, 9))
     targets = torch.randint(0, 97, (2, 9))
-    targets[:, :4] = -1
+    targets[:, :2] = -1
     targets[1, 7] = -1
-    logits, _ = model(idx)
     keep = targets != -1
+    assert int(keep.sum()) == 13
+    logits, _ = model(idx)
     manual = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
+    normed, rows = [], []
+    hooks = [model.norm.register_forward_hook(lambda m, i, out: normed.append(out.detach())),
+             model.lm_head.register_forward_hook(lambda m, i, out: rows.append(i[0].detach()))]
+    for reduction in ("mean", "sum", "none"):
+        normed.clear()
+        rows.clear()
+        with torch.no_grad():
+            model(idx, targets, reduction=reduction)
+        assert all(r.dim() == 2 and 0 < r.size(0) <= chunk for r in rows)
+        assert len(rows) == -(-13 // chunk) and torch.equal(torch.cat(rows), normed[0][keep])
+    for hook in hooks:
+        hook.remove()
     none, mean = model(idx, targets, reduction="none"), model(idx, targets)
     assert none[0] is None and mean[0] is None
     assert torch.allclose(none[1][keep], manual, atol=1e-6) and (none[1][~keep] == 0).all()
     assert torch.allclose(mean[1], manual.mean(), atol=1e-6)
+    assert torch.allclose(model(idx, targets, reduction="sum")[1], manual.sum(), atol=1e-5)
     mean[1].backward()
     got = model.lm_head.weight.grad.clone()
     model.zero_grad()

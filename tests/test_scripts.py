@@ -1,0 +1,116 @@
+"""Smoke runs of the scripts no other test starts: bench.py (the benchmark and its
+long-context table, in-process) on a tiny model with SmolLM2's vocabulary, since it
+tokenizes with SmolLM2's tokenizer, and lesa_claim.py, which runs on SmolLM2 itself;
+each at a few tokens and one round. And bench.py's flag errors, which need no run."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+import weights
+from conftest import tiny_model, write_sharegpt
+from data import prepare_sharegpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("bad", ["abc", "1024,x", "0", ","])
+def test_bench_long_says_what_it_expected(bad, capsys):
+    """`bench.py --long abc` stops at the flags with one line saying what --long takes,
+    not with a traceback after loading the models."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--long", bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "error: argument --long: expected context lengths in tokens like 1024,8192" in last and repr(bad) in last
+    assert bench.parse_args(["--long", "1024, 8192"]).long == [1024, 8192] and bench.parse_args([]).long == []
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny Llama with SmolLM2's vocabulary and a context of 2,048 (bench.py's Hamlet
+    perplexity) as a HF folder, and a small ShareGPT tokenized with SmolLM2's tokenizer
+    where bench.py looks for it: data/sharegpt under its working directory."""
+    from tokenizer import load_tokenizer
+    d = tmp_path_factory.mktemp("scripts")
+    weights.save_hf(tiny_model(vocab_size=49152, block_size=2048), d / "model")
+    records = [{"id": f"c{i}", "conversations": [
+        {"from": "human", "value": f"Tell me about the number {i}. " * (1 + i % 3)},
+        {"from": "gpt", "value": f"The number {i} is {i * 7 % 13} more than a multiple of 13. " * (2 + i % 4)}]}
+        for i in range(40)]
+    write_sharegpt(d / "s.json", records, cut=False)
+    prepare_sharegpt(str(d / "data" / "sharegpt"), load_tokenizer("smollm2"), val_every=4, path=str(d / "s.json"))
+    return d
+
+
+@pytest.fixture
+def in_workdir(workdir, monkeypatch):
+    """bench.py run in-process from the work directory, its tokenizer loaded once (5 s)."""
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer("smollm2")
+    monkeypatch.setattr(bench, "load_tokenizer", lambda source="smollm2": tok)
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_bench_runs_on_a_tiny_model(in_workdir):
+    """Every section of bench.py on CPU in fp32: Hamlet perplexity, batch-1 decode in both
+    weight layouts (and transformers', where installed), the training steps (ours; the
+    dense and the DLO-routed expansion), and no kernel rows without CUDA. The JSON holds
+    a positive, finite number for each. 32 new tokens: transformers' rate is the time of
+    32 tokens minus that of 1, which must stand above the timing noise."""
+    out = in_workdir / "bench.json"
+    bench.main(["--init_from", str(in_workdir / "model"), "--dtype", "float32", "--prompt_len", "8",
+                "--new_tokens", "32", "--repeats", "1", "--out", str(out)])
+    result = json.load(open(out))
+    assert result["dtype"] == "float32" and result["kernel_speedup"] is None
+    assert 1 < result["ppl_fp32"] < 2 * 49152   # a random model: about the vocabulary's size
+    numbers = [result["decode_fp32"], result["decode_fp32_out_in"]] + [result["train"][k] for k in
+                                                                       ("ours_float32", "dense40", "dlo40")]
+    assert all(math.isfinite(v) and v > 0 for v in numbers), numbers
+
+
+@pytest.mark.slow
+def test_bench_long_context_table(in_workdir, monkeypatch, capsys):
+    """bench.py --long at contexts of 48 and 300 tokens (one and two pages of the compact
+    cache's 256): prefill time, decode rate, KV bytes and peak memory per context, and
+    Hamlet's windowed perplexity, into the table and JSON. The plays are cut to their first
+    6,000 characters and the windows to 512 tokens, so that the 49,152-entry head runs on
+    a few thousand tokens rather than all of Hamlet's 54,000."""
+    text, windowed = bench.shakespeare_text, bench.windowed_perplexity
+    monkeypatch.setattr(bench, "shakespeare_text", lambda play: text(play)[:6000])
+    monkeypatch.setattr(bench, "windowed_perplexity", lambda model, ids: windowed(model, ids, window=512))
+    out = in_workdir / "long.json"
+    bench.main(["--long", "48,300", "--init_from", str(in_workdir / "model"), "--new_tokens", "4", "--repeats", "1",
+                "--out", str(out)])
+    result = json.load(open(out))
+    assert [(row["model"], row["context"]) for row in result["rows"]] == [("base", 48), ("base", 300)]
+    assert all(row["decode_tok_s"] > 0 and row["prefill_s"] > 0 for row in result["rows"])
+    assert result["rows"][1]["kv_mb"] == 2 * result["rows"][0]["kv_mb"] > 0   # two pages of the cache, then one
+    assert 1 < result["quality"]["base"]["hamlet_ppl"] < 2 * 49152
+    assert "| base | 300 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lesa_claim_runs_on_smollm2(workdir):
+    """lesa_claim.py on SmolLM2 (it takes no other model): one held-out layer, one epoch,
+    two validation rows of 96 tokens, ~40 s of one core (factors and predictors fixed by
+    the model's size). Each row holds the two weight errors and the four losses."""
+    out = workdir / "lesa.json"
+    r = subprocess.run([sys.executable, "lesa_claim.py", "--holdout", "14", "--epochs", "1", "--eval_rows", "2",
+                        "--seq_len", "96", "--data", str(workdir / "data" / "sharegpt"), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.load(open(out))["rows"]
+    assert [row["layer"] for row in rows] == [14]
+    keys = ("rel_err_lesa", "rel_err_mean", "loss_lesa", "loss_mean", "loss_original", "loss_removed")
+    assert all(math.isfinite(rows[0][k]) and rows[0][k] > 0 for k in keys)
+    assert "| 14 |" in r.stdout
