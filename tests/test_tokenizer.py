@@ -52,8 +52,9 @@ def test_tokenizer_json_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_tok(tmp_path_factory):
-    """Our tokenizer.json read by HF's own tokenizers library, the reference."""
-    tokenizers = pytest.importorskip("tokenizers")
+    """Our tokenizer.json read by HF's own tokenizers library, the reference
+    (requirements-test.txt)."""
+    import tokenizers
     folder = tmp_path_factory.mktemp("tok")
     save_tokenizer(tok, folder)
     return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
