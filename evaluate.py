@@ -155,7 +155,7 @@ def held_out(train_config, split="val"):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on held-out rows; calibrate its routers.")
-    p.add_argument("checkpoint", help="a train.py checkpoint (.pt)")
+    p.add_argument("checkpoint", help="a train.py checkpoint (.pt) or its export folder (export.py)")
     p.add_argument("--rows", type=int, default=None, help="held-out rows (default: the run's eval_rows)")
     p.add_argument("--controls", action="store_true",
                    help="also the label oracle, random routing, static pruning and p >= 0.5")
@@ -179,7 +179,8 @@ def thresholds_at(model, ckpt, data, capacity, device, dtype, attn_capacity=None
     for name, value in (("capacity", capacity), ("attention capacity", attn_capacity or 1.0)):
         if not 0 < value <= 1:
             raise ValueError(f"the {name} must be in (0, 1], got {value}")
-    schedule = part_schedule(model.config.route_slots(), capacity, capacity, attn_capacity,
+    # anneal=0: every group at its own end from step 0 (the attention group would start at `capacity`)
+    schedule = part_schedule(model.config.route_slots(), capacity, capacity, attn_capacity, anneal=0,
                              split=c["capacity_split"])
     schedule.load_state_dict(ckpt.schedule)
     return calibrate(model, data, calibration_rows(data, c), schedule.capacities(0), device, dtype)

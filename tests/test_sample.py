@@ -69,7 +69,7 @@ def test_depth_view_and_picture(folders):
 def test_depth_png_draws_what_ran(tmp_path):
     """The PNG's cells take the depth view's colours: a layer whose MLP every token skipped
     shows "attention only" (orange), and a model that ran everything shows none of it."""
-    image = pytest.importorskip("matplotlib.image")
+    import matplotlib.image as image
     cfg = tiny_model().config
     ran = [torch.ones(cfg.n_layer, 2, dtype=torch.bool) for _ in range(6)]
     orange = torch.tensor(RGB[True, False])
