@@ -150,7 +150,7 @@ class CompactKVCache:
         if self.kept is not None and slot.numel() and (int((self.length + counts).max()) > self.k.size(2)
                                                        or int(slot.min()) - self.swept >= self.page):
             # the earliest query of this chunk, per row, still sees kv_window positions back
-            self.evict(torch.zeros_like(self.length).index_reduce_(0, b, slot.long(), "amin", include_self=False))
+            self.evict(torch.zeros_like(self.length).scatter_reduce_(0, b, slot.long(), "amin", include_self=False))
             self.swept = int(slot.min())
         within = torch.arange(b.numel(), device=b.device) - (counts.cumsum(0) - counts)[b]
         at = self.length[b] + within
