@@ -112,16 +112,16 @@ def scale_scatter_reference(base, idx, y, gate, inplace=False):
 
 
 def route_mlp_reference(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight,
-                        down_weight, gap, inplace=False, always=None):
+                        down_weight, gate_fn, inplace=False, always=None):
     """x, h (N, C); threshold a float or a 0-dim tensor; valid, always (N,) bool or None; gate/up (I, C)
-    and down (C, I) in nn.Linear layout. Returns out = h + sel * g(p) * mlp(RMSNorm(h)) with DLO's
-    gate g(p) = 1 + gap * (p - 0.5) (DLO, arXiv 2407.11030 eq. 3), p (N,) fp32 and sel (N,) bool.
+    and down (C, I) in nn.Linear layout. Returns out = h + sel * gate_fn(p) * mlp(RMSNorm(h)), with
+    gate_fn the block's gate (router.dlo_gate for DLO), p (N,) fp32 and sel (N,) bool.
     Dense and masked: no host sync, at the price of running the MLP on every row."""
     p = router_probs(x, router_weight)
     sel = decide(p, valid, threshold=threshold, always=always)
     n = rms_norm(h, norm_weight, eps)
     y = F.linear(F.silu(F.linear(n, gate_weight)) * F.linear(n, up_weight), down_weight)
-    g = 1.0 + gap * (p - 0.5)
+    g = gate_fn(p)
     # where, not sel * y: a skipped row is exactly h even if its y overflowed
     out = torch.where(sel[:, None], h + g[:, None].to(y.dtype) * y, h)
     return (h.copy_(out) if inplace else out), p, sel
@@ -224,7 +224,7 @@ if HAS_TRITON:
         tl.store(act_ptr + row * stride_a + rows_i, acc_g * tl.sigmoid(acc_g) * acc_u, mask=mask_i)
 
     @triton.jit
-    def _down_kernel(act_ptr, wd_ptr, sel_ptr, p_ptr, out_ptr, C, I, stride_a, stride_d, stride_o, gap,
+    def _down_kernel(act_ptr, wd_ptr, sel_ptr, g_ptr, out_ptr, C, I, stride_a, stride_d, stride_o,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         # a skipped token stops here too: out already holds its row of h
@@ -241,8 +241,8 @@ if HAS_TRITON:
             wd = tl.load(wd_ptr + cols[:, None] * stride_d + ks[None, :], mask=mask_n[:, None] & mask_k[None, :],
                          other=0.0)
             acc += tl.sum(wd.to(tl.float32) * a[None, :], axis=1)
-        # DLO's gate g(p) = 1 + gap * (p - 0.5) in fp32 (DLO, arXiv 2407.11030 eq. 3), one rounding at the end
-        g = 1.0 + gap * (tl.load(p_ptr + row) - 0.5)
+        # the gate the caller computed from p (fp32), applied before the one rounding at the end
+        g = tl.load(g_ptr + row)
         o = tl.load(out_ptr + row * stride_o + cols, mask=mask_n, other=0.0)
         # each (row, column tile) has one owner: no atomics needed
         tl.store(out_ptr + row * stride_o + cols, (o.to(tl.float32) + g * acc).to(o.dtype), mask=mask_n)
@@ -319,9 +319,10 @@ MLP_BLOCK_ROWS, MLP_BLOCK_K = 32, 128   # weight tile of one program: rows x red
 
 
 def route_mlp_triton(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight,
-                     down_weight, gap, inplace=False, always=None):
+                     down_weight, gate_fn, inplace=False, always=None):
     """route_mlp_reference in three launches: (a) p and sel; (b) per (row, tile of I) the SwiGLU
-    activations of RMSNorm(h[row]); (c) per (row, tile of C) out[row] += g(p) * (act . down).
+    activations of RMSNorm(h[row]); (c) per (row, tile of C) out[row] += gate_fn(p) * (act . down),
+    the gate computed by torch on the device between (a) and (c), so its formula lives in one place.
     The decision never leaves the device, so nothing here waits on the host: (b) and (c) read
     sel and return at once for unselected rows. Works on a copy of h unless inplace=True (then
     h must have unit stride along C)."""
@@ -348,8 +349,9 @@ def route_mlp_triton(x, h, router_weight, norm_weight, eps, threshold, valid, ga
     _gate_up_kernel[(N, triton.cdiv(I, MLP_BLOCK_ROWS))](
         out, norm_weight.contiguous(), sel, wg, wu, act, C, I, out.stride(0), wg.stride(0), wu.stride(0),
         act.stride(0), float(eps), BLOCK_I=MLP_BLOCK_ROWS, BLOCK_K=MLP_BLOCK_K)
+    gate = gate_fn(p).float()
     _down_kernel[(N, triton.cdiv(C, MLP_BLOCK_ROWS))](
-        act, wd, sel, p, out, C, I, act.stride(0), wd.stride(0), out.stride(0), float(gap),
+        act, wd, sel, gate, out, C, I, act.stride(0), wd.stride(0), out.stride(0),
         BLOCK_N=MLP_BLOCK_ROWS, BLOCK_K=MLP_BLOCK_K)
     return out, p, sel
 
@@ -386,17 +388,17 @@ def scale_scatter(base, idx, y, gate, inplace=False):
 
 
 def route_mlp(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight, down_weight,
-              gap, inplace=False, always=None):
+              gate_fn, inplace=False, always=None):
     # the MLP's weights count too: under autograd they need the reference's backward
     fused = use_triton(x, h, router_weight, norm_weight, gate_weight, up_weight, down_weight)
     fn = route_mlp_triton if fused else route_mlp_reference
     return fn(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weight, up_weight, down_weight,
-              gap, inplace, always)
+              gate_fn, inplace, always)
 
 
-def routed_mlp(x, h, router_weight, norm, mlp, threshold, routable, sinks, gap, decode):
+def routed_mlp(x, h, router_weight, norm, mlp, threshold, routable, sinks, gate_fn, decode):
     """DLO's routed MLP at inference, fused (model.Block.mlp_routed_fused): h plus
-    g(p) * mlp(norm(h)) on the tokens with p >= threshold, and the sinks. x, h (N, C);
+    gate_fn(p) * mlp(norm(h)) on the tokens with p >= threshold, and the sinks. x, h (N, C);
     norm, mlp: the block's RMSNorm and SwiGLU MLP. Decode (a token per row): route_mlp,
     with no host sync. Prefill: route_gather, the MLP on the packed rows, then
     scale_scatter into h in place (h is the block's own fresh tensor).
@@ -404,9 +406,9 @@ def routed_mlp(x, h, router_weight, norm, mlp, threshold, routable, sinks, gap, 
     if decode:
         gate, up = mlp.gate_up_proj.weight.chunk(2)
         return route_mlp(x, h, router_weight, norm.weight, norm.eps, threshold, routable, gate, up,
-                         mlp.down_proj.weight, gap, inplace=True, always=sinks)
+                         mlp.down_proj.weight, gate_fn, inplace=True, always=sinks)
     p, idx, rows = route_gather(x, h, router_weight, norm.weight, norm.eps, threshold=threshold, valid=routable,
                                 always=sinks)
-    out = scale_scatter(h, idx, mlp(rows), 1.0 + gap * (p - 0.5), inplace=True)
+    out = scale_scatter(h, idx, mlp(rows), gate_fn(p), inplace=True)
     sel = torch.zeros(x.size(0), dtype=torch.bool, device=x.device).index_fill_(0, idx, True)
     return out, p, sel

@@ -340,6 +340,11 @@ class Block(nn.Module):
         out, trace = self.route(self.router, "mlp", reads, h, ctx, slot + len(traces), self.mlp_rows)
         return out, traces + [trace]
 
+    def gate(self, p):
+        """What scales a selected token's branch: DLO's g(p) (router.dlo_gate, the one place its
+        formula is written), or p itself under MoD's gate. p a tensor or, at batch-1 decode, a float."""
+        return p if self.cfg.route_gate == "mod" else dlo_gate(p, self.cfg.route_gap)
+
     def route(self, router, part, reads, base, ctx, slot, rows_for):
         """One routed part: decide from `reads`, then base + gate * branch on the selected
         tokens; rows_for(base, ctx, sel) gives the branch for rows of the flat tokens."""
@@ -350,8 +355,7 @@ class Block(nn.Module):
         pred = router.predict(reads) if router.predictor is not None else None
         sel = select(pred if ctx.rule.use_predictor else logit, ctx.routable, ctx.valid, ctx.rule, slot)
         p = torch.sigmoid(logit)
-        gate = p if self.cfg.route_gate == "mod" else dlo_gate(p, self.cfg.route_gap)
-        out, sim = add_selected(base, sel, gate, rows_for(base, ctx, sel), ctx.rule.similarity)
+        out, sim = add_selected(base, sel, self.gate(p), rows_for(base, ctx, sel), ctx.rule.similarity)
         return out, Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim, pred, part)
 
     def route_one(self, router, part, reads, base, ctx, slot):
@@ -373,7 +377,7 @@ class Block(nn.Module):
             return base, Trace(self.index, logit, ~ctx.valid, ctx.valid, ctx.routable, part=part)
         logit = router(reads) if logit is None else logit
         p = float(torch.sigmoid(logit))
-        gate = p if self.cfg.route_gate == "mod" else 1.0 + self.cfg.route_gap * (p - 0.5)   # router.dlo_gate
+        gate = self.gate(p)
         if part == "mlp":
             y = self.mlp(self.post_attention_layernorm(base))
         else:
@@ -435,7 +439,7 @@ class Block(nn.Module):
         sinks = ctx.valid & ~ctx.routable
         out, p, sel = kernels.routed_mlp(x.reshape(-1, C), h.reshape(-1, C), self.router.weight,
                                          self.post_attention_layernorm, self.mlp, threshold,
-                                         ctx.routable.flatten(), sinks.flatten(), self.cfg.route_gap, decode=T == 1)
+                                         ctx.routable.flatten(), sinks.flatten(), self.gate, decode=T == 1)
         trace = Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable, part="mlp")
         return out.view_as(h), [trace]
 

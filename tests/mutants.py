@@ -36,14 +36,14 @@ class Mutant(NamedTuple):
 
 
 MUTANTS = [
-    # DLO's gate g(p) = 1 + gap (p - 0.5) (arXiv 2407.11030 eq. 3), in each of its copies
+    # DLO's gate g(p) = 1 + gap (p - 0.5) (arXiv 2407.11030 eq. 3): one function, which every path calls
     Mutant("gate-1", "router.py", "return 1.0 + gap * (p - 0.5)", "return 1.0 + 0.0 * (p - 0.5)"),
     Mutant("gate-p", "router.py", "return 1.0 + gap * (p - 0.5)", "return p"),
-    Mutant("gate-1-decode", "model.py", "else 1.0 + self.cfg.route_gap * (p - 0.5)", "else 1.0"),
-    Mutant("gate-p-decode", "model.py", "else 1.0 + self.cfg.route_gap * (p - 0.5)", "else p"),
-    Mutant("gate-p-fused-prefill", "kernels.py", "mlp(rows), 1.0 + gap * (p - 0.5), inplace=True)",
-           "mlp(rows), p, inplace=True)"),
-    Mutant("gate-p-triton", "kernels.py", "g = 1.0 + gap * (tl.load(p_ptr + row) - 0.5)", "g = tl.load(p_ptr + row)"),
+    # the gate the fused kernels are given, and MoD's gate (the block output times p)
+    Mutant("kernel-ignores-gate", "kernels.py", "g = tl.load(g_ptr + row)", "g = 1.0"),
+    Mutant("mod-gate-ignored", "model.py",
+           'return p if self.cfg.route_gate == "mod" else dlo_gate(p, self.cfg.route_gap)',
+           "return dlo_gate(p, self.cfg.route_gap)"),
     # a tie at p == threshold runs (zero-initialised routers are the dense model)
     Mutant("tie-skips", "router.py", "return (p >= threshold) & routable", "return (p > threshold) & routable"),
     Mutant("tie-skips-decode", "model.py", "float(torch.sigmoid(logit)) >= layer_threshold(rule, slot)",

@@ -1,4 +1,5 @@
 """Triton kernels (run by the interpreter, fp32) against their PyTorch references."""
+import functools
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton
@@ -8,6 +9,7 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from model import RMSNorm  # noqa: E402
+from router import dlo_gate  # noqa: E402
 
 pytest.importorskip("triton")
 if not kernels.INTERPRET:
@@ -194,6 +196,7 @@ def test_routed_model_same_logits_with_kernels_and_references(monkeypatch):
 # ---------------------------------------------------------------- route + MLP
 
 I, GAP = 72, 0.05   # tiles of 32 rows of I: the last one masks 24
+GATE = functools.partial(dlo_gate, gap=GAP)
 SYNCS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero"}   # torch 2.13's names
 
 
@@ -209,8 +212,8 @@ def mlp_inputs(seed=0, n=N, c=C, i=I):
 
 def check_route_mlp(x, h, w, nw, valid, mlp, threshold, inplace=False):
     before = h.clone()
-    ref, p_ref, sel_ref = kernels.route_mlp_reference(x, before, w, nw, EPS, threshold, valid, *mlp, GAP)
-    out, p, sel = kernels.route_mlp_triton(x, h, w, nw, EPS, threshold, valid, *mlp, GAP, inplace=inplace)
+    ref, p_ref, sel_ref = kernels.route_mlp_reference(x, before, w, nw, EPS, threshold, valid, *mlp, GATE)
+    out, p, sel = kernels.route_mlp_triton(x, h, w, nw, EPS, threshold, valid, *mlp, GATE, inplace=inplace)
     assert p.dtype == torch.float32 and sel.dtype == torch.bool
     assert torch.allclose(p, p_ref, atol=1e-6) and torch.equal(sel, sel_ref)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)     # fp32, summed in another order
@@ -253,7 +256,7 @@ def test_route_mlp_reference_is_the_block_mlp():
     the same dot products, summed in another blocking, so equal to fp32 round-off."""
     from conftest import tiny_config
     from model import MLP
-    from router import Router, dlo_gate
+    from router import Router
     x, h, w, nw, valid, (wg, wu, wd) = mlp_inputs(2)
     cfg = tiny_config(n_embd=C, n_head=5, n_kv_head=1, intermediate_size=I)
     mlp, norm, router = MLP(cfg), RMSNorm(C, EPS), Router(C)
@@ -264,9 +267,30 @@ def test_route_mlp_reference_is_the_block_mlp():
         p = torch.sigmoid(router(x))   # Router returns the fp32 logit
         sel = (p >= 0.5) & valid
         expect = h + (sel * dlo_gate(p, GAP)).unsqueeze(-1) * mlp(norm(h))
-        out, p_ref, sel_ref = kernels.route_mlp_reference(x, h, w, nw, EPS, 0.5, valid, wg, wu, wd, GAP)
+        out, p_ref, sel_ref = kernels.route_mlp_reference(x, h, w, nw, EPS, 0.5, valid, wg, wu, wd, GATE)
     assert 0 < int(sel.sum()) < int(valid.sum())
     assert torch.equal(p_ref, p) and torch.equal(sel_ref, sel) and torch.allclose(out, expect, atol=1e-5)
+
+
+def test_dlo_gate_is_the_papers_formula():
+    """g(p) = 1 + gap (p - 0.5) (arXiv 2407.11030, eq. 3): 1 at p = 0.5, 1 +- gap / 2 at the ends.
+    Every path (training, batch-1 decode, the fused prefill, the Triton decode) calls this one
+    function, so changing the gate is one edit here, and this test says that it changed."""
+    got = dlo_gate(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), 0.05)
+    assert torch.allclose(got, torch.tensor([0.975, 1.0, 1.025], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert abs(dlo_gate(0.9, 0.5) - 1.2) < 1e-12
+
+
+def test_the_kernels_apply_the_gate_they_are_given():
+    """The fused decode and prefill take the block's gate function: another gate (here g(p) = p)
+    changes their output exactly as it changes the reference's, with no formula of their own."""
+    x, h, w, nw, valid, mlp = mlp_inputs()
+    as_p = lambda p: p
+    ref_p, _, sel = kernels.route_mlp_reference(x, h.clone(), w, nw, EPS, 0.5, valid, *mlp, as_p)
+    out_p, _, _ = kernels.route_mlp_triton(x, h, w, nw, EPS, 0.5, valid, *mlp, as_p)
+    out_dlo, _, _ = kernels.route_mlp_triton(x, h, w, nw, EPS, 0.5, valid, *mlp, GATE)
+    assert sel.any() and torch.allclose(out_p, ref_p, atol=1e-5)
+    assert (out_p - out_dlo)[sel].abs().max() > 1e-2                 # the gate given, not DLO's, was applied
 
 
 def event_names(fn):
@@ -282,7 +306,7 @@ def test_route_mlp_never_syncs_the_host(monkeypatch):
     launch = kernels.route_mlp_triton
     monkeypatch.setattr(kernels, "route_mlp_triton", lambda *a: calls.append(1) or launch(*a))
     for threshold in (0.5, torch.tensor(0.5)):
-        names = event_names(lambda: kernels.route_mlp(x, h, w, nw, EPS, threshold, valid, *mlp, GAP))
+        names = event_names(lambda: kernels.route_mlp(x, h, w, nw, EPS, threshold, valid, *mlp, GATE))
         assert "aten::clone" in names and not names & SYNCS   # the profiler saw the call, and no sync in it
     assert len(calls) == 2                                    # the kernels ran, not the reference
     names = event_names(lambda: kernels.route_gather_triton(x, h, w, nw, EPS, threshold=0.5, valid=valid))
@@ -293,7 +317,7 @@ def test_route_mlp_autograd_takes_the_reference_and_gets_gradients():
     x, h, w, nw, valid, (wg, wu, wd) = mlp_inputs()
     w.requires_grad_()
     wd.requires_grad_()
-    out, p, sel = kernels.route_mlp(x, h, w, nw, EPS, 0.5, valid, wg, wu, wd, GAP)
+    out, p, sel = kernels.route_mlp(x, h, w, nw, EPS, 0.5, valid, wg, wu, wd, GATE)
     out.sum().backward()
     assert w.grad.abs().sum() > 0 and wd.grad.abs().sum() > 0   # g(p) carries the router's gradient
 
@@ -320,8 +344,8 @@ for dt in ("fp32", "bf16"):
     build(kernels._gate_up_kernel, dict(h_ptr=f"*{dt}", nw_ptr=f"*{dt}", sel_ptr="*i1", wg_ptr=f"*{dt}",
           wu_ptr=f"*{dt}", act_ptr="*fp32", C="i32", I="i32", stride_h="i32", stride_g="i32", stride_u="i32",
           stride_a="i32", eps="fp32"), dict(BLOCK_I=32, BLOCK_K=128))
-    build(kernels._down_kernel, dict(act_ptr="*fp32", wd_ptr=f"*{dt}", sel_ptr="*i1", p_ptr="*fp32",
-          out_ptr=f"*{dt}", C="i32", I="i32", stride_a="i32", stride_d="i32", stride_o="i32", gap="fp32"),
+    build(kernels._down_kernel, dict(act_ptr="*fp32", wd_ptr=f"*{dt}", sel_ptr="*i1", g_ptr="*fp32",
+          out_ptr=f"*{dt}", C="i32", I="i32", stride_a="i32", stride_d="i32", stride_o="i32"),
           dict(BLOCK_N=32, BLOCK_K=128))
 print("compiled")
 '''
