@@ -22,7 +22,7 @@ $(VENV)/.ready-test: $(VENV)/.ready requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt
 	touch $@
 
-train: setup          ## DLO on SmolLM2 + ShareGPT (config/dlo.json): ~8 min of training on 2 CPU cores in bf16 (README)
+train: setup          ## DLO on SmolLM2 + ShareGPT (config/dlo.json): ~8 min of training on 2 CPU cores in fp32 (README)
 	$(BIN)/python train.py
 
 sample: setup
