@@ -1,10 +1,12 @@
 """
-What a query sees, and a KV cache that stores only what ran.
+What a query sees under the K/V policies of routed attention, and the caches that
+store it (used by skipping.py and retention.py).
 
-- Keys: every key and value a chunk's queries may attend to, from either cache;
-  key_mask says which each query sees under the K/V policies ("drop": only keys that
-  were written; "window": keys not kept stay visible for kv_window positions), attend
-  and attend_rows run SDPA over them, received_attention labels K/V retention.
+- Keys: every key and value a chunk's queries may attend to, with the `kept` flags of
+  the "window" policy; key_mask says which each query sees ("drop": only keys that were
+  written; "window": keys not kept stay visible for kv_window positions), attend_rows
+  runs SDPA for the rows that ran, received_attention labels K/V retention.
+- RoutedKVCache: model.KVCache plus `kept` flags, and writes of the rows that ran alone.
 - CompactKVCache. model.KVCache reserves a slot for every position of every layer up
   front; under routed attention with the "drop" policy a token that skips a layer's
   attention writes nothing there, so here each layer keeps, per batch row, only the K/V
@@ -18,7 +20,8 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
+
+from model import KVCache, attend
 
 
 class Keys(NamedTuple):
@@ -28,21 +31,6 @@ class Keys(NamedTuple):
     valid: torch.Tensor   # (B, S): written by a real token
     slot: torch.Tensor    # (S,) or (B, S): each key's place in the sequence, for the causal mask
     kept: Optional[torch.Tensor] = None   # (B, S) under "window": seen beyond the window; None: all are
-
-
-def attend(q, k, v, mask):
-    """SDPA that keeps CUDA on its fast kernels. mask None: causal only, which the flash
-    kernel serves with GQA. With a mask, flash is out; the memory-efficient kernel takes
-    masks but not GQA (torch docs: GQA "works only for Flash_attention and math kernel on
-    CUDA"), so K/V heads are repeated for it. A single query row (decode) is cheap even in
-    the math kernel, and the CPU kernel takes mask and GQA together: no copy there."""
-    gqa = k.size(1) != q.size(1)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if gqa and q.is_cuda and q.size(2) > 1:
-        repeat = q.size(1) // k.size(1)
-        k, v, gqa = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
 
 
 def key_mask(q_slot, keys, window):
@@ -88,6 +76,32 @@ def received_attention(q, keys, window):
     probs = scores.masked_fill(~causal[:, None], -math.inf).softmax(-1).mean(1)      # (B, T, S)
     far = causal & (q_slot[..., None] - keys.slot.view(-1, 1, keys.slot.size(-1)) >= window)
     return (probs * far).sum(1) / far.sum(1).clamp(min=1), far.any(1)
+
+
+class RoutedKVCache(KVCache):
+    """model.KVCache for routed attention: `update_rows` writes the tokens that ran alone
+    (under "drop" the others write nothing), and under "window" each slot also says
+    whether queries beyond the window see it."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.kept = None   # made on the first write that says who is kept
+
+    def update(self, input_pos, k, v, write, kept=None):
+        keys = super().update(input_pos, k, v, write)
+        if kept is not None:
+            self.kept = torch.ones_like(self.valid) if self.kept is None else self.kept
+            self.kept[:, input_pos] = kept
+        return Keys(*keys, self.kept)
+
+    def update_rows(self, b, slot, k, v):  # only the tokens (b, slot) (N,) write: k/v (N, nkv, hs)
+        self.k[b, :, slot] = k.to(self.k.dtype)   # a slot starts invalid and is written once
+        self.v[b, :, slot] = v.to(self.v.dtype)
+        self.valid[b, slot] = True
+        return Keys(self.k, self.v, self.valid, self.slot)
+
+    def nbytes(self):
+        return super().nbytes() + (0 if self.kept is None else self.kept.numel())
 
 
 class CompactKVCache:

@@ -1,58 +1,109 @@
 """
-Layer operations: expand a model in depth, activate routing, skip (drop) layers.
-Each is a plain function that takes a model and returns a new one.
+DLO, Dynamic Layer Operation (arXiv 2407.11030): grow a model in depth, then let each
+token skip the MLPs of the layers it does not need.
 
-Notable features
-- placements: interleave (DLO / LLaMA Pro), stack with seam trim (SOLAR DUS),
-  one layer after every K (TLI), and explicit index lists
-- inits: zeros (an exact identity block), copy, random, merge-linear, merge-slerp
-- the new model's config records which layers are new, routed and frozen,
-  so a checkpoint rebuilds it from the config alone
+- expansion (section 3.1): a new layer after every L / n_new original layers, built from
+  the layer below it with both residual branches' output projections at zero, so the
+  expanded model computes exactly what the original did
+- the routed block (section 3.2): attention runs for every token; a router reading the
+  block input decides per token whether the MLP runs. The selected tokens are gathered,
+  run and scattered back scaled by the gate g(p); the others cost nothing. Batch-1 decode
+  decides on the host; on CUDA, kernels.py fuses router, gather and scatter
+- calibration: the thresholds that make inference (p >= t) run what training's top-k ran
+- the config records which layers are new and routed, so a checkpoint rebuilds the model
+  from its config alone
+
+Every other method extends these classes or rebuilds a model with `rebuild`.
 """
 import copy
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 
-from model import GPT, Block
+import kernels
+from model import GPT, Block, Context, GPTConfig
+from router import Router, Rule, Trace, dlo_gate, layer_threshold, routable_tokens, select, token_similarity
 
-INITS = ("zeros", "copy", "random", "merge-linear", "merge-slerp")
-PLACEMENTS = ("interleave", "tli", "stack", "index")
 
+@dataclass
+class DLOConfig(GPTConfig):
+    new_layers: tuple = ()            # indices of the layers expansion inserted
+    route: str = "none"               # "mlp": the routed layers' MLPs run only for the tokens their router selects
+    routed_layers: tuple = ()         # which layers carry a router; () = all of them
+    route_gap: float = 0.05           # the gate's slope: g(p) = 1 + gap (p - 0.5) (eq. 3)
+    route_threshold: object = 0.5     # inference: run iff p >= this; or one (calibrated) per routed part
+    route_sink_tokens: int = 0        # the first r positions of every row run every routed part
+
+    routes = ("none", "mlp")          # what a routed layer's router may decide
+    moved_fields = ()                 # more layer lists that follow their layers through `rebuild`
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("new_layers", "routed_layers") + self.moved_fields:
+            setattr(self, name, tuple(getattr(self, name)))
+        if self.route not in self.routes:
+            raise ValueError(f"unknown route {self.route!r}: use {', '.join(self.routes)}")
+        bad = [i for name in ("new_layers", "routed_layers") + self.moved_fields for i in getattr(self, name)
+               if not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(f"layer indices {bad} out of range for {self.n_layer} layers")
+        if isinstance(self.route_threshold, (list, tuple)):
+            self.route_threshold = tuple(float(t) for t in self.route_threshold)
+            if len(self.route_threshold) != len(self.route_slots()):
+                raise ValueError(f"{len(self.route_threshold)} thresholds for {len(self.route_slots())} routed parts")
+
+    def routed_ids(self):
+        """The layers that carry `route`'s routers."""
+        return () if self.route == "none" else self.routed_layers or tuple(range(self.n_layer))
+
+    def layer_route(self, i):
+        """What layer i's router skips: `route`, or "" (a dense layer)."""
+        return self.route if i in self.routed_ids() else ""
+
+    def parts(self, i):
+        return ("mlp",) if self.layer_route(i) else ()
+
+    def route_slots(self):
+        """Every routed part as (layer, part), in the order a forward pass meets them. One
+        threshold, capacity and router.Trace per slot."""
+        return tuple((i, part) for i in range(self.n_layer) for part in self.parts(i))
+
+
+# ---- expansion (section 3.1) ----------------------------------------------------------
+# A plan lists the layers of the new model as (source layer, init): init None means the
+# original layer itself, moved to its new index; otherwise init(model, source) gives the
+# new layer's weights.
 
 class ExpansionError(ValueError):
     pass
 
 
-# ---- placements: where the new layers go -------------------------------------------
-# A plan lists the layers of the new model as (source layer, init); init None means the
-# original layer itself, moved to its new index.
-
-def interleave_plan(n_layer, n_new, init="zeros"):
-    """DLO/LLaMA Pro: split = L // n_new; a new layer after every split-th original layer,
-    counting from 1, so with L divisible by n_new the last one lands at the very end."""
-    if not 0 < n_new <= n_layer:
-        raise ExpansionError(f"interleave needs 1 <= new layers <= {n_layer} (the original depth), got {n_new}")
-    split = n_layer // n_new
-    after = [i for i in range(n_layer) if (i + 1) % split == 0][:n_new]
-    return index_plan(n_layer, after, init)
+def is_router(key):
+    return key.startswith(("router.", "attn_router."))
 
 
-def tli_plan(n_layer, every_k, init="zeros"):
-    """TLI (arXiv 2410.11654): one new layer injected after every K original layers."""
-    if not 1 <= every_k <= n_layer:
-        raise ExpansionError(f"TLI needs 1 <= K <= {n_layer}, got K={every_k}")
-    return index_plan(n_layer, [i for i in range(n_layer) if (i + 1) % every_k == 0], init)
+def layer_weights(model, i):
+    """A copy of layer i's weights, routers left out: a new layer starts with a fresh router."""
+    return {k: v.clone() for k, v in model.layers[i].state_dict().items() if not is_router(k)}
 
 
-def index_plan(n_layer, after, init="zeros"):
+def zeros_init(model, i):
+    """Layer i with the output projections of both residual branches at 0: the pre-norm
+    block returns its input, so the expanded model computes what the original did."""
+    state = layer_weights(model, i)
+    for k in state:
+        if k.startswith(("self_attn.o_proj.", "mlp.down_proj.")):
+            state[k].zero_()
+    return state
+
+
+def index_plan(n_layer, after, init=zeros_init):
     """A new layer after each listed original layer (-1 = before the first one), built from
     that layer (or from layer 0 when inserted at the bottom)."""
     bad = [i for i in after if not -1 <= i < n_layer]
     if bad:
         raise ExpansionError(f"insert positions {bad} out of range: use -1 .. {n_layer - 1}")
-    if init not in INITS:
-        raise ExpansionError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
     plan = [(0, init)] * after.count(-1)
     for i in range(n_layer):
         plan.append((i, None))
@@ -60,92 +111,56 @@ def index_plan(n_layer, after, init="zeros"):
     return plan
 
 
-def stack_plan(n_layer, trim):
-    """SOLAR depth up-scaling (arXiv 2312.15166): copy A without its last `trim` layers,
-    then copy B without its first `trim` layers; 2 (L - trim) layers, copy B counted new."""
-    if not 0 <= trim < n_layer:
-        raise ExpansionError(f"stack needs 0 <= seam trim < {n_layer}, got {trim}")
-    return [(i, None) for i in range(n_layer - trim)] + [(i, "copy") for i in range(trim, n_layer)]
+def interleave_plan(n_layer, n_new, init=zeros_init):
+    """split = L // n_new; a new layer after every split-th original layer, counting from 1,
+    so with L divisible by n_new the last one lands at the very end."""
+    if not 0 < n_new <= n_layer:
+        raise ExpansionError(f"interleave needs 1 <= new layers <= {n_layer} (the original depth), got {n_new}")
+    split = n_layer // n_new
+    return index_plan(n_layer, [i for i in range(n_layer) if (i + 1) % split == 0][:n_new], init)
 
 
-# ---- inits: what a new layer holds -------------------------------------------------
-
-def slerp(a, b, t=0.5, dot_threshold=0.9995):
-    """Spherical interpolation of two tensors seen as flat vectors; lerp when nearly parallel."""
-    af, bf = a.flatten().double(), b.flatten().double()
-    denom = af.norm() * bf.norm()
-    cos = float(af @ bf / denom) if denom > 0 else 1.0
-    if abs(cos) > dot_threshold:
-        return torch.lerp(a, b, t)
-    omega = math.acos(cos)
-    wa, wb = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
-    return (wa * af + wb * bf).view_as(a).to(a.dtype)
-
-
-def new_layer_state(model, i, init):
-    """State dict for a layer built from original layer i. Routers are left out, so a new
-    layer always starts with a fresh, zero-initialised router."""
-    src = {k: v.clone() for k, v in model.layers[i].state_dict().items() if not is_router(k)}
-    if init == "copy":
-        return src
-    if init == "zeros":
-        # output projections of both residual branches at 0: the pre-norm block is the identity
-        for k in src:
-            if k.startswith(("self_attn.o_proj.", "mlp.down_proj.")):
-                src[k].zero_()
-        return src
-    if init == "random":
-        fresh = Block(model.config).to(next(model.parameters()).device)
-        fresh.apply(GPT._init_weights)
-        return {k: v.to(src[k].dtype) for k, v in fresh.state_dict().items() if k in src}
-    # merges pair layer i with the one below it (layer 1 for the bottom layer)
-    j = i - 1 if i > 0 else min(1, model.config.n_layer - 1)
-    other = model.layers[j].state_dict()
-    if init == "merge-linear":
-        return {k: (v + other[k]) / 2 for k, v in src.items()}
-    if init == "merge-slerp":
-        return {k: slerp(other[k], v) for k, v in src.items()}
-    raise ExpansionError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
-
-
-def is_router(key):
-    return key.startswith(("router.", "attn_router."))
-
-
-def rebuild(model, plan, **config_changes):
-    """A new model whose layer j comes from plan[j]; embeddings, final norm and head are
-    copied. Routed and frozen layer lists, and calibrated thresholds, follow their layers
-    to the new indices."""
-    cfg = model.config
+def new_config(cfg, plan, config_changes):
+    """The config of rebuild's model: the layer lists (and calibrated thresholds) follow
+    their layers; new layers are routed too when the model routes a subset of its layers."""
     moved = {src: j for j, (src, init) in enumerate(plan) if init is None}
     remap = lambda ids: tuple(moved[i] for i in ids if i in moved)
     changes = dict(n_layer=len(plan), new_layers=tuple(j for j, (src, init) in enumerate(plan)
                                                        if init is not None or src in cfg.new_layers))
-    if cfg.routed_layers:  # new layers are routed too when the model routes its layers
+    if cfg.routed_layers:
         changes["routed_layers"] = tuple(sorted(set(remap(cfg.routed_layers)) | {
             j for j, (_, init) in enumerate(plan) if init is not None}))
         if not changes["routed_layers"]:   # () would mean "every layer"
             changes["route"] = "none"
-    changes["attn_routed_layers"] = remap(cfg.attn_routed_layers)
-    changes["frozen_layers"] = remap(cfg.frozen_layers)
-    changes.update(config_changes)
-    new_cfg = copy.deepcopy(cfg)
+    changes.update({name: remap(getattr(cfg, name)) for name in cfg.moved_fields}, **config_changes)
+    new = copy.deepcopy(cfg)
     for k, v in changes.items():
-        setattr(new_cfg, k, v)
+        if not hasattr(new, k):
+            raise ExpansionError(f"unknown model option {k!r}")
+        setattr(new, k, v)
     if isinstance(cfg.route_threshold, tuple) and "route_threshold" not in config_changes:
         # a part keeps its calibrated threshold; a new router (p = 0.5) starts at 0.5
         old = dict(zip(cfg.route_slots(), cfg.route_threshold))
-        new_cfg.route_threshold = tuple(old.get((plan[j][0], part), 0.5) if plan[j][1] is None else 0.5
-                                        for j, part in new_cfg.route_slots())
-    new_cfg.__post_init__()
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    new = GPT(new_cfg).to(device=device, dtype=dtype)
+        new.route_threshold = tuple(old.get((plan[j][0], part), 0.5) if plan[j][1] is None else 0.5
+                                    for j, part in new.route_slots())
+    new.__post_init__()
+    return new
+
+
+def rebuild(model, plan, **config_changes):
+    """A new model whose layer j comes from plan[j], of the same class as `model` (DLO for
+    a dense GPT); everything outside the layers is copied."""
+    cfg = model.config if isinstance(model.config, DLOConfig) else DLOConfig(**asdict(model.config))
+    param = next(model.parameters())
+    new = (type(model) if isinstance(model, DLO) else DLO)(new_config(cfg, plan, config_changes))
+    new = new.to(device=param.device, dtype=param.dtype)
     with torch.no_grad():
-        for name in ("embed_tokens", "norm", "lm_head", "pos_embed"):
-            if hasattr(model, name):
-                getattr(new, name).load_state_dict(getattr(model, name).state_dict())
+        outside = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}
+        missing = [k for k in new.load_state_dict(outside, strict=False).missing_keys if not k.startswith("layers.")]
+        if missing:
+            raise ExpansionError(f"no weights for {missing}")
         for j, (src, init) in enumerate(plan):
-            state = model.layers[src].state_dict() if init is None else new_layer_state(model, src, init)
+            state = model.layers[src].state_dict() if init is None else init(model, src)
             want = new.layers[j].state_dict()
             state = {k: v for k, v in state.items() if k in want}   # routers only where the new layer has them
             new.layers[j].load_state_dict(state, strict=False)
@@ -155,112 +170,160 @@ def rebuild(model, plan, **config_changes):
     return new
 
 
-# ---- the operations ----------------------------------------------------------------
-
-def expand(model, placement="interleave", n_new=0, init="zeros", every_k=0, trim=0, after=(),
-           freeze_original=False):
-    """Return a deeper model. placement: interleave (n_new), tli (every_k), stack (trim) or
-    index (after). freeze_original: LLaMA Pro, only the new layers get gradients."""
-    L = model.config.n_layer
-    if placement == "interleave":
-        plan = interleave_plan(L, n_new, init)
-    elif placement == "tli":
-        plan = tli_plan(L, every_k, init)
-    elif placement == "stack":
-        plan = stack_plan(L, trim)
-    elif placement == "index":
-        plan = index_plan(L, list(after), init)
-    else:
-        raise ExpansionError(f"unknown placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
-    new = rebuild(model, plan)
-    if freeze_original:
-        new = freeze(new, [j for j in range(new.config.n_layer) if j not in new.config.new_layers])
-    return new
+def expand(model, n_new, init=zeros_init):
+    """DLO's expansion: n_new layers interleaved, each zero-initialised from the layer below."""
+    return rebuild(model, interleave_plan(model.config.n_layer, n_new, init))
 
 
-def freeze(model, layers):
-    """Freeze `layers` (and the embeddings, final norm and head) in place; returns the model."""
-    model.config.frozen_layers = tuple(sorted(layers))
-    model.config.__post_init__()
-    model.apply_freezing()
-    return model
-
-
-ROUTED = ("all", "new", "every-other")
-
-
-def routed_layers(config, which="all", dense_first=0, dense_last=0):
-    """Indices of the layers that get a router. which: "all"; "new", only the layers the
-    expansion inserted (DLO's official code with original_dlo_frequency=0); "every-other"
-    (Mixture-of-Depths); or a list of indices. dense_first / dense_last keep that many
-    layers at each end dense, as DLO's official `original_dlo_shrink_num` and D-LLM's
-    `dynamic_start_layer` do: the early layers write the attention sink (arXiv 2402.17762)."""
-    L = config.n_layer
-    if isinstance(which, str):
-        if which not in ROUTED:
-            raise ExpansionError(f"unknown routed set {which!r}: use {', '.join(ROUTED)} or a list of layers")
-        which = {"all": range(L), "new": config.new_layers, "every-other": range(1, L, 2)}[which]
-    bad = [i for i in which if not 0 <= i < L]
-    if bad:
-        raise ExpansionError(f"routed layers {bad} out of range for {L} layers")
-    layers = tuple(i for i in sorted(set(which)) if dense_first <= i < L - dense_last)
-    if not layers:
-        raise ExpansionError(f"no layer left to route ({L} layers, first {dense_first} and last {dense_last} dense)")
-    return layers
-
-
-def activate(model, route="mlp", layers=(), sink_tokens=0, attn_layers=(), **route_options):
-    """Return a copy of the model with routers on `layers` (() = every layer) skipping
-    `route` ("mlp", "attn", "attn+mlp" or "block"), and attention routers on `attn_layers`:
-    activate(m, "mlp") for DLO, activate(m, "block", layers=new, attn_layers=originals)
-    to route inserted blocks whole and the original layers' attention. Existing weights
-    are kept; routers start at zero (p = 0.5). sink_tokens: the first positions of every
-    row always run (router.routable_tokens)."""
+def activate(model, layers=(), sink_tokens=0, **route_options):
+    """A copy of the model with routers on `layers` (() = every layer; DLO's own choice is
+    the new ones) skipping the MLP per token. Routers start at zero (p = 0.5, every token
+    runs). sink_tokens: the first positions of every row always run."""
     if sink_tokens < 0:
         raise ExpansionError(f"sink_tokens must be >= 0, got {sink_tokens}")
-    plan = [(i, None) for i in range(model.config.n_layer)]
-    return rebuild(model, plan, route=route, routed_layers=tuple(layers), attn_routed_layers=tuple(attn_layers),
+    route_options.setdefault("route", "mlp")
+    return rebuild(model, [(i, None) for i in range(model.config.n_layer)], routed_layers=tuple(layers),
                    route_sink_tokens=sink_tokens, **route_options)
 
 
-def drop_layers(model, layers):
-    """ShortGPT-style static pruning: the model without `layers`."""
-    L = model.config.n_layer
-    bad = [i for i in layers if not 0 <= i < L]
-    if bad or len(set(layers)) >= L:
-        raise ExpansionError(f"cannot drop layers {list(layers)} from a {L}-layer model")
-    plan = [(i, None) for i in range(L) if i not in set(layers)]
-    return rebuild(model, plan)
+# ---- the routed block (section 3.2) ----------------------------------------------------
+
+def add_selected(base, sel, gate, rows_fn, similarity):
+    """base + gate * branch on the selected tokens, where rows_fn(idx) runs the routed
+    branch on rows idx of the (B * T, C) tokens. Returns (out, cos per token or None).
+    Skipped tokens cost nothing: gather, run, scatter (kernels.scale_scatter); positions
+    never move, so the residual is added once. The labels need cos(base, base + branch)
+    for every token, so with `similarity` every token runs the branch, once, instead of
+    the official code's second no-grad pass (section 3.3)."""
+    if similarity:
+        y = rows_fn(slice(None)).view_as(base)
+        return base + (sel * gate).unsqueeze(-1).to(y.dtype) * y, token_similarity(base, base + y)
+    n = int(sel.sum())   # the one host sync here
+    if n == 0:   # nothing to run at all
+        return base, None
+    if n == sel.numel():   # every token runs: no gather, no scatter
+        y = rows_fn(torch.arange(n, device=sel.device)).view_as(base)
+        return base + gate.unsqueeze(-1).to(y.dtype) * y, None
+    idx = sel.flatten().nonzero().squeeze(1)   # ascending token order
+    out = kernels.scale_scatter(base.reshape(-1, base.size(-1)), idx, rows_fn(idx), gate.flatten())
+    return out.view_as(base), None
+
+
+@dataclass
+class RoutedContext(Context):
+    routable: torch.Tensor = None   # (B, T) real tokens the routers decide for (not sinks)
+    rule: Rule = None
+    single: bool = False            # one token in all (batch-1 decode): decide on the host
+
+
+class RoutedBlock(Block):
+    """DLO's routed layer ("ExAttn"): the attention runs for every token, and a token whose
+    router selects it adds g(p) * MLP(norm(h)); the others skip the MLP."""
+
+    def __init__(self, cfg, index):
+        super().__init__(cfg)
+        self.index, self.gap = index, cfg.route_gap
+        self.router = Router(cfg.n_embd)
+
+    def routers(self):
+        return [self.router]
+
+    def gate(self, p):
+        """What scales a selected token's MLP output: the one place the gate is computed, for
+        training, batch-1 decode and the kernels alike. p a tensor or a float."""
+        return dlo_gate(p, self.gap)
+
+    def forward(self, x, ctx):
+        h = x + self.attention(x, ctx)
+        if self.fusable(x, ctx.rule):
+            return self.forward_fused(x, h, ctx)
+        if ctx.single and ctx.rule.per_token and not ctx.rule.similarity:
+            return self.forward_one(x, h, ctx)
+        logit = self.router(x)   # the router reads the block input, not h (section 3.2)
+        sel = select(logit, ctx.routable, ctx.valid, ctx.rule, len(ctx.traces))
+        flat = h.reshape(-1, h.size(-1))
+        mlp_rows = lambda idx: self.mlp(self.post_attention_layernorm(flat[idx]))
+        out, sim = add_selected(h, sel, self.gate(torch.sigmoid(logit)), mlp_rows, ctx.rule.similarity)
+        ctx.traces.append(Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim))
+        return out
+
+    def forward_one(self, x, h, ctx):
+        """forward for a single token, as in batch-1 decode: one host sync decides, then the
+        MLP runs densely or not at all, with no gather, scatter or mask, and the gate is a
+        Python number. A rule that decides without the router runs it only for the gate."""
+        rule, slot, sink = ctx.rule, len(ctx.traces), not bool(ctx.routable)
+        logit = self.router(x) if rule.kind == "threshold" and not sink else None
+        if logit is not None:
+            run = float(torch.sigmoid(logit)) >= layer_threshold(rule, slot)
+        else:
+            run = sink or bool(select(x.new_zeros(1, 1), ctx.routable, ctx.valid, rule, slot))
+        if not run:
+            logit = x.new_zeros(1, 1, dtype=torch.float32) if logit is None else logit
+            ctx.traces.append(Trace(self.index, logit, ~ctx.valid, ctx.valid, ctx.routable))
+            return h
+        logit = self.router(x) if logit is None else logit
+        ctx.traces.append(Trace(self.index, logit, ctx.valid, ctx.valid, ctx.routable))
+        return h + self.gate(float(torch.sigmoid(logit))) * self.mlp(self.post_attention_layernorm(h))
+
+    def fusable(self, x, rule):
+        """The Triton path (kernels.py): threshold routing at inference, no autograd, CUDA."""
+        return (rule.kind == "threshold" and not rule.similarity
+                and kernels.use_triton(x, self.router.weight, self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight))
+
+    def forward_fused(self, x, h, ctx):
+        """forward through kernels.routed_mlp: gather-and-scatter at prefill, a decision read
+        on the device at decode, so no routed layer waits on the host there."""
+        B, T, C = h.shape
+        out, p, sel = kernels.routed_mlp(x.reshape(-1, C), h.reshape(-1, C), self.router.weight,
+                                         self.post_attention_layernorm, self.mlp,
+                                         layer_threshold(ctx.rule, len(ctx.traces)), ctx.routable.flatten(),
+                                         (ctx.valid & ~ctx.routable).flatten(), self.gate, decode=T == 1)
+        ctx.traces.append(Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable))
+        return out.view_as(h)
+
+
+class DLO(GPT):
+    """The GPT whose routed layers (config.routed_ids()) are RoutedBlocks. forward takes
+    `rule` (router.Rule, default: the config's thresholds) and fills route_trace."""
+
+    def make_block(self, cfg, i):
+        return RoutedBlock(cfg, i) if cfg.layer_route(i) else Block(cfg)
+
+    @staticmethod
+    def _init_weights(module):
+        GPT._init_weights(module)
+        if isinstance(module, Router):   # apply() reaches a router after any Linear inside it
+            module.reset_parameters()
+
+    def default_rule(self):
+        """The inference rule: p >= route_threshold (per routed part once calibrated)."""
+        return Rule("threshold", self.config.route_threshold)
+
+    def context(self, rope, valid, positions, input_pos, rule=None):
+        routable = routable_tokens(valid, positions, self.config.route_sink_tokens)
+        return RoutedContext(rope, valid, input_pos, input_pos is None, routable=routable,
+                             rule=rule or self.default_rule(), single=valid.numel() == 1)
+
+
+# ---- calibration -------------------------------------------------------------------------
+
+def thresholds_from_topk(traces):
+    """Per routed part, the smallest p that top-k selected among routable tokens: the
+    threshold rule `p >= t` then reproduces the top-k decisions exactly on these rows.
+    A part that selected nothing gets +inf (never runs)."""
+    out = []
+    for t in traces:
+        chosen = t.p.masked_fill(~(t.sel & t.routable), math.inf)
+        out.append(float(chosen.min()) if bool((t.sel & t.routable).any()) else math.inf)
+    return tuple(out)
 
 
 @torch.no_grad()
-def block_influence(model, batches):
-    """ShortGPT (arXiv 2403.03853, eq. 1): BI_l = 1 - mean over real tokens of
-    cos(layer input, layer output), over calibration batches of (x, valid)."""
-    sums = torch.zeros(model.config.n_layer, dtype=torch.float64)
-    count = 0
-    current = {}
-
-    def hook(layer, args, output, i):
-        x, valid = args[0], current["valid"]
-        cos = torch.nn.functional.cosine_similarity(x.float(), output[0].float(), dim=-1)
-        sums[i] += float(cos[valid].sum())
-
-    handles = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
-               for i, layer in enumerate(model.layers)]
-    try:
-        for x, valid in batches:
-            current["valid"] = valid
-            model(x, valid=valid)
-            count += int(valid.sum())
-    finally:
-        for h in handles:
-            h.remove()
-    return (1 - sums / count).tolist()
-
-
-def shortgpt(model, batches, n_drop):
-    """Drop the n_drop layers with the lowest Block Influence. Returns (model, BI list)."""
-    bi = block_influence(model, batches)
-    lowest = sorted(range(len(bi)), key=lambda i: bi[i])[:n_drop]
-    return drop_layers(model, lowest), bi
+def calibrate(model, x, targets, valid, capacities):
+    """One threshold per routed part such that, on these rows, `p >= t` runs exactly the
+    top-k fraction that training ran: one top-k pass at the training capacities, each
+    layer seeing the layers below it already routed. A part trained at capacity 1 gets 0:
+    it runs every token, also the ones whose p falls below anything seen here."""
+    model(x, targets, valid=valid, rule=Rule("topk", capacity=capacities))
+    found = thresholds_from_topk(model.route_trace)
+    return tuple(0.0 if c >= 1.0 else t for c, t in zip(capacities.tolist(), found))

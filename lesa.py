@@ -133,7 +133,7 @@ def expand_lesa(model, after=None, factors=None, predictors=None, **train_kw):
     norms, and its seven linears are then overwritten with the prediction between l and l + 1.
     Factors and predictors are computed (train_kw go to train_predictors) when not given."""
     L = model.config.n_layer
-    if model.config.arch != "llama":
+    if getattr(model.config, "arch", "llama") != "llama":
         raise dlo.ExpansionError("LESA predicts the seven linears of a Llama block; this model is "
                                  f"{model.config.arch}")
     after = default_positions(L) if after is None else list(after)
@@ -142,7 +142,7 @@ def expand_lesa(model, after=None, factors=None, predictors=None, **train_kw):
         raise dlo.ExpansionError(f"LESA inserts between two layers: positions {bad} must be in 0 .. {L - 2}")
     factors = svd_factors(model) if factors is None else factors
     predictors = train_predictors(factors, **train_kw) if predictors is None else predictors
-    plan = dlo.index_plan(L, after, "copy")
+    plan = dlo.index_plan(L, after, dlo.layer_weights)
     new = dlo.rebuild(model, plan)
     with torch.no_grad():
         for j, (l, init) in enumerate(plan):

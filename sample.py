@@ -14,6 +14,7 @@ prompt's and the answer's, is coloured by the number of layers that ran for it
 layers and layer FLOPs saved, and a token x layer picture is written as HTML.
 """
 import argparse
+import dataclasses
 import html
 import math
 import os
@@ -28,8 +29,7 @@ import torch.nn.functional as F
 
 import weights
 from cache import CompactKVCache
-from model import KVCache
-from router import Rule, executed_map
+from router import executed_map
 from weights import pick_device
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
@@ -84,7 +84,7 @@ def kv_caches(model, batch_size, max_seq, page=0):
         layer.self_attn.kv_cache = (CompactKVCache(batch_size, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device, page,
                                                    cfg.kv_window)
                                     if page else
-                                    KVCache(batch_size, max_seq, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device))
+                                    model.new_cache(batch_size, max_seq))
     try:
         yield model
     finally:
@@ -339,8 +339,8 @@ def main(argv=None):
         ids = tok.encode_chat(messages + [{"role": "user", "content": prompt}], add_generation_prompt=True)
     else:
         ids = tok.encode(prompt)
-    rule = model.default_rule() if args.threshold is None else Rule("threshold", args.threshold,
-                                                                     use_predictor=cfg.route_predictor)
+    rule = model.default_rule()
+    rule = rule if args.threshold is None else dataclasses.replace(rule, threshold=args.threshold)
     tty, what = sys.stdout.isatty(), routed_parts(cfg)
     generator = torch.Generator(device).manual_seed(args.seed)
     all_pieces, all_ran = [], []

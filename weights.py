@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from model import GPT, GPTConfig
+import methods
 from tokenizer import gguf_reader, load_tokenizer, save_tokenizer, smollm2_gguf_path
 
 
@@ -71,10 +71,10 @@ def unfuse(state, cfg):
 
 
 def build(cfg, state, source):
-    """GPT(cfg) holding `state` (our names), naming any missing, unexpected or misshapen
+    """methods.build(cfg) holding `state` (our names), naming any missing, unexpected or misshapen
     tensor. Built on the meta device and the tensors assigned: no random init to discard."""
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = methods.build(cfg)
     want = model.state_dict()
     if cfg.tie_embeddings:
         want.pop("lm_head.weight", None)
@@ -118,7 +118,7 @@ def load_gguf(path, dtype=torch.float32):
         arch = bytes(meta("general.architecture")).decode()
         if arch != "llama":
             raise WeightsError(f"{path}: architecture {arch!r} is not supported (llama only)")
-        cfg = GPTConfig(
+        cfg = methods.Config(
             vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), n_layer=int(meta("llama.block_count")[0]),
             n_head=int(meta("llama.attention.head_count")[0]),
             n_kv_head=int(meta("llama.attention.head_count_kv")[0]),
@@ -185,7 +185,7 @@ def config_from_hf(hf, source):
         if scaling != "default" or hf.get("hidden_act", "silu") != "silu":
             raise WeightsError(f"{source}: RoPE scaling {scaling!r} / activation {hf.get('hidden_act')!r} "
                                "is not supported (plain RoPE and SiLU only)")
-        return GPTConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
+        return methods.Config(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
                          n_kv_head=hf.get("num_key_value_heads", heads), n_embd=hf["hidden_size"],
                          intermediate_size=hf["intermediate_size"], block_size=hf["max_position_embeddings"],
                          norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -195,7 +195,7 @@ def config_from_hf(hf, source):
         d, act = hf["n_embd"], hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):   # both are GELU's tanh form, as model.py
             raise WeightsError(f"{source}: activation {act!r} is not supported (gelu_new only)")
-        return GPTConfig(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+        return methods.Config(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
                          n_kv_head=hf["n_head"], n_embd=d, intermediate_size=hf.get("n_inner") or 4 * d,
                          block_size=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                          tie_embeddings=True, bias=True)
@@ -229,13 +229,13 @@ def gpt2_to_ours(hf_state, cfg):
 
 
 def read_hf(folder):
-    """(GPTConfig, state dict in our names, config.json's dict) of a HF folder."""
+    """(methods.Config, state dict in our names, config.json's dict) of a HF folder."""
     path = os.path.join(folder, "config.json")
     try:
         with open(path) as f:
             hf = json.load(f)
         # our own export carries the exact config (depth, routers); HF's fields cannot say it
-        cfg = GPTConfig(**hf["nanodlo"]) if "nanodlo" in hf else config_from_hf(hf, path)
+        cfg = methods.Config(**hf["nanodlo"]) if "nanodlo" in hf else config_from_hf(hf, path)
     except WeightsError:
         raise
     except (OSError, json.JSONDecodeError) as e:
@@ -321,7 +321,7 @@ class Checkpoint:
     """A training checkpoint: the model with its full config, and what train.py needs to
     resume the very same run. This module alone knows how it is laid out on disk."""
     model: dict                                          # the full (unsharded) state dict
-    model_config: dict                                   # GPTConfig's fields: rebuilds the model alone
+    model_config: dict                                   # methods.Config's fields: rebuilds the model alone
     train_config: dict = field(default_factory=dict)     # train.TrainConfig's fields
     step: int = 0                                        # optimizer steps done; fixes the data position
     optimizer: Optional[dict] = None
@@ -428,7 +428,7 @@ def export(path, folder, dtype=torch.float32):
 def model_from_checkpoint(ckpt, dtype=torch.float32):
     """The exact trained model (depth, routers, thresholds, frozen layers) from the checkpoint
     alone; checkpoints from before q/k/v and gate/up were fused load too."""
-    cfg = GPTConfig(**ckpt.model_config)
+    cfg = methods.Config(**ckpt.model_config)
     return build(cfg, fuse(dict(ckpt.model), cfg.n_layer), "checkpoint").to(dtype).eval()
 
 
@@ -444,7 +444,7 @@ def load(source="smollm2", dtype=torch.float32):
 def save_model_config(path, ckpt):
     """Write back a checkpoint whose model config changed: the whole .pt, or an export's
     config.json alone."""
-    GPTConfig(**ckpt.model_config)   # e.g. one threshold per routed part, or a clear error before writing
+    methods.Config(**ckpt.model_config)   # e.g. one threshold per routed part, or a clear error before writing
     if not os.path.isdir(path):
         return save_checkpoint(path, ckpt)
     config = os.path.join(path, "config.json")

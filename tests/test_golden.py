@@ -18,11 +18,12 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dlo  # noqa: E402
+import growth  # noqa: E402
 import lesa  # noqa: E402
-from evaluate import random_rule, static_rule  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from router import Rule, load_loss, make_labels, router_loss  # noqa: E402
+import methods  # noqa: E402
+from controls import mask_rule, random_rule, static_rule  # noqa: E402
+from mod import PredictorRouter, PredictorRule, load_loss, make_labels, router_loss  # noqa: E402
+from router import Rule  # noqa: E402
 from sample import generate  # noqa: E402
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden.safetensors")
@@ -30,15 +31,21 @@ GOLDEN_TOL = 0.0   # bit for bit
 
 
 def base_model(arch="llama"):
-    """4 layers, GQA, random norms (so a swapped or skipped norm shows), fixed seed."""
+    """4 layers, GQA, random norms (so a swapped or skipped norm shows), fixed seed. The
+    GPT-2 model's weights are stored with the goldens: they were drawn when GPT-2 was a
+    branch of the Llama model's constructor, in an order its own class no longer draws in."""
     torch.manual_seed(0)
-    cfg = GPTConfig(arch=arch, vocab_size=97, n_layer=4, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48,
-                    block_size=64, rope_theta=10000.0)
-    model = GPT(cfg).eval()
+    cfg = methods.Config(arch=arch, vocab_size=97, n_layer=4, n_head=4, n_kv_head=2, n_embd=32,
+                         intermediate_size=48, block_size=64, rope_theta=10000.0)
+    model = methods.build(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+    if arch == "gpt2":
+        stored = {k.split("/", 1)[1]: v for k, v in load_file(PATH).items() if k.startswith("weights-gpt2/")}
+        model.load_state_dict(stored, strict=False)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in stored.items())
     return model
 
 
@@ -46,13 +53,13 @@ def routed(route, scale=40.0, **options):
     """Routers drawn N(0, scale): the residual here has rms ~0.02, so p spreads over
     roughly (0.05, 0.95) and both decisions occur in every layer. route_gap 0.5 makes the
     DLO gate move the logits visibly."""
-    model = dlo.activate(base_model(), route, sink_tokens=1, route_gap=0.5, **options)
+    model = methods.activate(base_model(), route, sink_tokens=1, route_gap=0.5, **options)
     torch.manual_seed(11)
     with torch.no_grad():
         for layer in model.layers:
             for router in layer.routers():
                 router.weight.normal_(0, scale)
-                if router.predictor is not None:
+                if isinstance(router, PredictorRouter):
                     for p in router.predictor.parameters():
                         p.normal_(0, 1.0)
     return model.eval()
@@ -60,14 +67,14 @@ def routed(route, scale=40.0, **options):
 
 def expanded(**kw):
     torch.manual_seed(5)   # the "random" init draws
-    return dlo.expand(base_model(), **kw).eval()
+    return growth.expand(base_model(), **kw).eval()
 
 
 def shortgpt_model():
     model = base_model()
     batches = [(torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(9)),
                 torch.ones(2, 12, dtype=torch.bool))]
-    return dlo.shortgpt(model, batches, 1)[0].eval()
+    return growth.shortgpt(model, batches, 1)[0].eval()
 
 
 def lesa_model():
@@ -79,7 +86,7 @@ DENSE = {
     "llama": lambda: base_model(),
     "gpt2": lambda: base_model("gpt2"),
     **{f"interleave-{init}": (lambda init=init: expanded(placement="interleave", n_new=2, init=init))
-       for init in dlo.INITS},
+       for init in growth.INITS},
     "tli": lambda: expanded(placement="tli", every_k=2),
     "solar-stack": lambda: expanded(placement="stack", trim=1),
     "index": lambda: expanded(placement="index", after=[-1, 2]),
@@ -157,10 +164,10 @@ def routed_values(model):
         for i, label in enumerate(labels):
             out[f"label{i}"] = label.to(torch.uint8)
         masks = [t.sel for t in traces]
-        rules = {"all": Rule("all"), "mask": Rule("mask", masks=masks), "random": random_rule([0.5] * n, seed=3),
+        rules = {"all": Rule("all"), "mask": mask_rule(masks), "random": random_rule([0.5] * n, seed=3),
                  "static": static_rule([0.5] * n, [part for _, part in model.config.route_slots()])}
         if model.config.route_predictor:
-            rules["predictor"] = Rule("threshold", use_predictor=True)
+            rules["predictor"] = PredictorRule("threshold")
         for name, rule in rules.items():
             out[f"logits-{name}"] = model(idx, valid=valid, rule=rule)[0]
             trace_values(model, out, name)
@@ -220,5 +227,6 @@ def test_routing_shows_in_the_golden_models(golden):
 if __name__ == "__main__":
     if sys.argv[1:] != ["--record"]:
         sys.exit(__doc__)
-    save_file(all_values(), PATH)
+    weights = {k: v for k, v in load_file(PATH).items() if k.startswith("weights-")}
+    save_file({**all_values(), **weights}, PATH)
     print(f"wrote {PATH}")
