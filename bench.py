@@ -408,8 +408,8 @@ def main(argv=None):
             steps[f"hf_{dtype}"] = report(f"train step, transformers {dtype}", rates[1], "tok/s")
             report("  ours / transformers", rates[0] / rates[1])
         del contenders, hf_model
-    dense = dlo.expand(standard, "interleave", n_new=base.config.n_layer // 3, init="zeros").train()
-    routed = dlo.activate(dense, "mlp", layers=dense.config.new_layers, sink_tokens=1).train()
+    dense = dlo.expand(standard, base.config.n_layer // 3).train()
+    routed = dlo.activate(dense, layers=dense.config.new_layers, sink_tokens=1).train()
     caps = torch.full((len(routed.config.route_slots()),), 0.59, dtype=torch.float64)
     rule = Rule("topk", capacity=caps, similarity=True)
     dtype = out["dtype"]

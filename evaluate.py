@@ -27,10 +27,13 @@ import sys
 import numpy as np
 import torch
 
+import dlo
 import weights
+from controls import oracle_rule, random_rule, static_rule
 from data import open_split
-from router import (Rule, executed_fraction, executed_map, kept_map, make_labels, router_agreement, select_topk,
-                    thresholds_from_topk)
+from mod import make_labels
+from retention import kept_map
+from router import Rule, executed_fraction, executed_map, router_agreement
 from schedule import part_schedule
 from tokenizer import load_tokenizer
 from weights import autocast, pick_device, pick_dtype
@@ -100,47 +103,19 @@ def calibrate(model, data, rows, capacities, device, dtype):
     """One threshold per routed layer such that, on these held-out rows, `p >= t` runs
     exactly the top-k fraction that training ran: one top-k pass at the training
     capacities, all rows in one batch, each layer seeing the layers below it already
-    routed (see router.thresholds_from_topk). A layer trained at capacity 1 gets 0: it
-    runs every token, also the ones whose p falls below anything seen here."""
+    routed (dlo.calibrate). A layer trained at capacity 1 gets 0: it runs every token,
+    also the ones whose p falls below anything seen here."""
     model.eval()
     x, y, valid = (t.to(device) for t in data.batch(rows))
     with autocast(device, dtype):
-        model(x, y, valid=valid, rule=Rule("topk", capacity=capacities.to(device)))
+        thresholds = dlo.calibrate(model, x, y, valid, capacities.to(device))
     model.train()
-    found = thresholds_from_topk(model.route_trace)
-    return tuple(0.0 if c >= 1.0 else t for c, t in zip(capacities.tolist(), found))
-
-
-def oracle_rule(fractions):
-    """Per batch: a dense pass gives every routed layer's similarities; then each layer
-    runs its least-similar routable tokens, at the given per-layer fraction."""
-    def rule(model, x, valid):
-        model(x, valid=valid, rule=Rule("all", similarity=True))
-        masks = [select_topk(-t.sim, t.routable, f) for t, f in zip(model.route_trace, fractions)]
-        return Rule("mask", masks=masks)
-    return rule
-
-
-def random_rule(fractions, seed=0):
-    """Each routable token runs each routed part with that part's probability."""
-    return Rule("random", capacity=torch.tensor(fractions), generator=torch.Generator().manual_seed(seed))
-
-
-def static_rule(fractions, parts):
-    """Static pruning at the routers' budget: per kind of part ("attn", "mlp", "block"),
-    keep the most used parts whole and drop the others whole, keeping ceil(sum of that
-    kind's fractions) of them, so the control never runs less than the routers did."""
-    keep = torch.zeros(len(fractions))
-    for kind in set(parts):
-        slots = sorted((i for i, p in enumerate(parts) if p == kind), key=lambda i: -fractions[i])
-        n = math.ceil(sum(fractions[i] for i in slots) - 1e-6)
-        keep[slots[:n]] = 1.0
-    return Rule("static", capacity=keep)
+    return thresholds
 
 
 def controls(result, parts):
     """The control rules of a routed evaluation `result`, at its per-part fractions;
-    parts: each routed part's kind (GPTConfig.route_slots)."""
+    parts: each routed part's kind (config.route_slots)."""
     fractions = result["routed_frac"]
     return {"oracle": oracle_rule(fractions), "random": random_rule(fractions), "static": static_rule(fractions, parts),
             "p>=0.5": Rule("threshold", 0.5)}

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-import dlo
+import growth
 import weights
 from data import DataError, TokenData
 from lesa import KINDS, predict_layer, svd_factors, train_predictors, weight
@@ -76,7 +76,7 @@ def main():
         guesses = {"lesa": predict_layer(factors, predictors, l - 1, l + 1),
                    "mean": {k: (weight(model.layers[l - 1], k) + weight(model.layers[l + 1], k)).detach() / 2
                             for k in KINDS}}
-        row = {"layer": l, "loss_original": reference, "loss_removed": loss_of(dlo.drop_layers(model, [l]))}
+        row = {"layer": l, "loss_original": reference, "loss_removed": loss_of(growth.drop_layers(model, [l]))}
         for name, guess in guesses.items():
             row[f"per_kind_{name}"], row[f"rel_err_{name}"] = rel_errors(guess, truth)
             row[f"loss_{name}"] = loss_of(with_layer(model, l, guess))

@@ -39,11 +39,14 @@ from tqdm import tqdm
 
 import dlo
 import evaluate
+import growth
 import lesa
+import methods
 import weights
 from data import DATASETS
-from model import CHOICES as MODEL_CHOICES
-from router import LABELS, Rule, executed_fraction, load_loss, make_labels, routable_tokens, router_loss
+from methods import CHOICES as MODEL_CHOICES
+from mod import LABELS, load_loss, make_labels, router_loss
+from router import Rule, executed_fraction, routable_tokens
 from schedule import SPLITS, dynamic_lr_scales, part_schedule
 from weights import autocast, pick_device, pick_dtype
 
@@ -52,7 +55,7 @@ from weights import autocast, pick_device, pick_dtype
 class TrainConfig:
     # model
     init_from: str = "smollm2"      # "smollm2", a .gguf file, a HF folder, or a .pt checkpoint
-    # expansion (dlo.py); placement "none" keeps the depth
+    # expansion (dlo.py, and growth.py for the other methods); placement "none" keeps the depth
     placement: str = "interleave"   # none, interleave, tli, stack, index, lesa
     n_new: int = 10                 # interleave: new layers (SmolLM2 30 -> 40)
     every_k: int = 0                # tli: one new layer after every K
@@ -117,7 +120,7 @@ class TrainConfig:
 
 
 # each flag's choices, from the module that owns them
-CHOICES = {"placement": ("none",) + dlo.PLACEMENTS + ("lesa",), "init": dlo.INITS,
+CHOICES = {"placement": ("none",) + growth.PLACEMENTS + ("lesa",), "init": tuple(growth.INITS),
            "route": MODEL_CHOICES["route"], "kv_policy": MODEL_CHOICES["kv_policy"], "gate": MODEL_CHOICES["route_gate"],
            "train_rule": ("topk", "threshold"), "labels": LABELS + ("none",), "capacity_split": SPLITS,
            "dataset": DATASETS, "dist": ("ddp", "fsdp"), "dtype": ("auto", "float32", "bfloat16")}
@@ -175,27 +178,27 @@ def build_model(cfg, calibration):
     calls. `calibration` is a list of (x, valid) batches for ShortGPT's Block Influence."""
     model = weights.from_pretrained(cfg.init_from)
     if cfg.drop:
-        model = dlo.drop_layers(model, int_list(cfg.drop))
+        model = growth.drop_layers(model, int_list(cfg.drop))
     if cfg.shortgpt_drop:
-        model, _ = dlo.shortgpt(model, calibration, cfg.shortgpt_drop)
+        model, _ = growth.shortgpt(model, calibration, cfg.shortgpt_drop)
     if cfg.placement == "lesa":
         after = int_list(cfg.after) or lesa.default_positions(model.config.n_layer, cfg.n_new)
         model = lesa.expand_lesa(model, after)
     elif cfg.placement != "none":
-        model = dlo.expand(model, cfg.placement, n_new=cfg.n_new, init=cfg.init, every_k=cfg.every_k,
+        model = growth.expand(model, cfg.placement, n_new=cfg.n_new, init=cfg.init, every_k=cfg.every_k,
                            trim=cfg.trim, after=int_list(cfg.after), freeze_original=cfg.freeze_original)
     if cfg.freeze_original and cfg.placement in ("none", "lesa"):
         raise ValueError(f"freeze_original needs an interleave/tli/stack/index expansion, not {cfg.placement}")
     if cfg.route != "none" or cfg.attn_routed:
         L, layers, attn_layers = model.config.n_layer, (), ()
         if cfg.route != "none":
-            which = cfg.routed if cfg.routed in dlo.ROUTED else int_list(cfg.routed)
-            layers = dlo.routed_layers(model.config, which, cfg.dense_first, cfg.dense_last)
+            which = cfg.routed if cfg.routed in growth.ROUTED else int_list(cfg.routed)
+            layers = growth.routed_layers(model.config, which, cfg.dense_first, cfg.dense_last)
         if cfg.attn_routed:
             rest = [i for i in range(L) if i not in layers]
             which = rest if cfg.attn_routed == "rest" else int_list(cfg.attn_routed)
-            attn_layers = dlo.routed_layers(model.config, which, cfg.dense_first, cfg.dense_last)
-        model = dlo.activate(model, "none" if not layers else cfg.route, layers=layers, attn_layers=attn_layers,
+            attn_layers = growth.routed_layers(model.config, which, cfg.dense_first, cfg.dense_last)
+        model = methods.activate(model, "none" if not layers else cfg.route, layers=layers, attn_layers=attn_layers,
                              sink_tokens=cfg.sink_tokens, kv_policy=cfg.kv_policy, kv_window=cfg.kv_window,
                              route_gate=cfg.gate, route_threshold=cfg.threshold, route_predictor=cfg.predictor)
     return model

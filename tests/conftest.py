@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dlo  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import methods  # noqa: E402
+from mod import PredictorRouter  # noqa: E402
 from router import Rule  # noqa: E402
 from sample import kv_caches  # noqa: E402
 
@@ -27,12 +27,12 @@ def tiny_config(**overrides):
     base = dict(vocab_size=97, n_layer=4, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48,
                 block_size=64, rope_theta=10000.0)
     base.update(overrides)
-    return GPTConfig(**base)
+    return methods.Config(**base)
 
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = GPT(tiny_config(**overrides)).eval()
+    model = methods.build(tiny_config(**overrides)).eval()
     # random norms, so a bug that swaps or skips them shows up
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -66,7 +66,7 @@ def standardise(linear, x, std, generator):
 
 
 def routed_tiny(route="mlp", seed=0, scale=1.5, base=None, **options):
-    """tiny_model (or `base`) with routers on every layer (options go to dlo.activate),
+    """tiny_model (or `base`) with routers on every layer (options go to methods.activate),
     built so that routing shows in the logits. tiny_model's N(0, 0.02) weights leave the
     attention nearly uniform and the MLP adding ~5% to the residual, so q/k/v are scaled x4
     (RoPE and window errors show) and the MLP's output x6. Each router is drawn at random,
@@ -80,7 +80,7 @@ def routed_tiny(route="mlp", seed=0, scale=1.5, base=None, **options):
     3e-1, RoPE positions off by one by 2e-2 to 3e-1; cached decode differs from the full
     forward by ~1.5e-7."""
     options.setdefault("route_gap", 1.0)
-    model = dlo.activate(base if base is not None else tiny_model(seed=seed), route, **options)
+    model = methods.activate(base if base is not None else tiny_model(seed=seed), route, **options)
     g = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
         for layer in model.layers:
@@ -99,7 +99,7 @@ def routed_tiny(route="mlp", seed=0, scale=1.5, base=None, **options):
             w = torch.randn(x.size(1), generator=g)
             w -= (w @ m) / (m @ m) * m
             router.weight.copy_(w * scale / (x @ w).std())
-            if router.predictor is not None:   # hidden units and output standardised the same way
+            if isinstance(router, PredictorRouter):   # hidden units and output standardised the same way
                 first, last = router.predictor[0], router.predictor[2]
                 standardise(first, x, scale, g)
                 standardise(last, F.silu(first(x)), scale, g)

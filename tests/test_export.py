@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import bench
-import dlo
+import methods
 import evaluate
 import sample
 import weights
@@ -224,7 +224,7 @@ def shared(tmp_path_factory):
                for i in range(40)]
     write_sharegpt(d / "s.json", records, cut=False)
     prepare_sharegpt(str(d / "data" / "sharegpt"), ByteTokenizer(), val_every=4, path=str(d / "s.json"))
-    model = dlo.activate(tiny_model(vocab_size=49152, block_size=2048), "attn+mlp", sink_tokens=1)
+    model = methods.activate(tiny_model(vocab_size=49152, block_size=2048), "attn+mlp", sink_tokens=1)
     with torch.no_grad():   # routers that run about half the tokens
         for layer in model.layers:
             for router in layer.routers():

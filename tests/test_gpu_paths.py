@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dlo
 import evaluate
+import growth
+import methods
 import train
 from conftest import tiny_model
 from router import Rule
@@ -33,11 +34,11 @@ METHODS = {
 
 
 def routed(flags, sink_tokens=1):
-    model = dlo.expand(tiny_model(vocab_size=97), "interleave", n_new=2)
+    model = growth.expand(tiny_model(vocab_size=97), "interleave", n_new=2)
     layers = range(1, model.config.n_layer, 2) if flags.get("gate") == "mod" else ()
     if "attn_layers" in flags:
         layers = model.config.new_layers
-    model = dlo.activate(model, flags["route"], layers=layers, attn_layers=flags.get("attn_layers", ()),
+    model = methods.activate(model, flags["route"], layers=layers, attn_layers=flags.get("attn_layers", ()),
                          sink_tokens=sink_tokens, kv_policy=flags.get("kv_policy", "compute"),
                          route_gate=flags.get("gate", "dlo"), route_predictor=flags.get("predictor", False))
     torch.manual_seed(3)

@@ -169,10 +169,10 @@ def test_bf16_under_the_interpreter_falls_back_to_the_reference(monkeypatch):
 
 def test_routed_model_same_logits_with_kernels_and_references(monkeypatch):
     """End to end: a DLO-routed tiny model through the fused path equals the unfused one."""
-    import dlo
+    import methods
     from conftest import tiny_model
     from router import Rule
-    model = dlo.activate(tiny_model(n_embd=48), "mlp")
+    model = methods.activate(tiny_model(n_embd=48), "mlp")
     with torch.no_grad():
         for layer in model.layers:
             layer.router.weight.normal_(0, 0.5)

@@ -9,13 +9,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 import torch
 
-import dlo
+import methods
 from conftest import (KINDS, KIND_POLICIES, LENGTHS, TOL, assert_decode_equals_full_forward, cached_logits,
                       full_logits, routed, routed_tiny, tiny_model)
-from router import (Rule, Trace, add_selected, load_loss, make_labels, router_loss, select_threshold, select_topk,
-                    similarity_labels)
-from schedule import CapacitySchedule, dynamic_lr_scales
+from controls import ControlRule, mask_rule
+from dlo import RoutedContext, add_selected
+from mod import PredictorRule, load_loss, make_labels, router_loss
 from model import Context, rope_tables
+from router import Rule, Trace, select_threshold, select_topk, similarity_labels
+from schedule import CapacitySchedule, dynamic_lr_scales
 from sample import generate, generate_stream, kv_caches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,14 +66,14 @@ def test_cached_decode_equals_full_forward_under_every_rule(name, kind, policy, 
     n = len(model.config.route_slots())
     reference = None
     if name == "static":
-        make_rule = lambda: Rule("static", capacity=torch.tensor([1.0, 0.0] * n)[:n])
+        make_rule = lambda: ControlRule("static", capacity=torch.tensor([1.0, 0.0] * n)[:n])
     elif name == "random":
         capacity = torch.full((n,), 0.5)
-        make_rule = lambda: Rule("random", capacity=capacity, generator=torch.Generator().manual_seed(5))
-        reference = lambda prompts, b: Rule("mask", masks=list(
+        make_rule = lambda: ControlRule("random", capacity=capacity, generator=torch.Generator().manual_seed(5))
+        reference = lambda prompts, b: mask_rule(list(
             random_decisions(5, capacity, prompts)[:, b, -len(prompts[b]):][:, None]))
     else:
-        make_rule = lambda: Rule("threshold", 0.5, use_predictor=name == "predictor")
+        make_rule = lambda: (PredictorRule if name == "predictor" else Rule)("threshold", 0.5)
     assert_decode_equals_full_forward(model, page, make_rule, reference)
     if name == "predictor":   # the predictor decides, not the router
         full_logits(model, list(range(13)), make_rule())
@@ -87,7 +89,7 @@ def test_zero_routers_run_every_token_in_every_path(route):
     decision Block.route_one takes on the host) all run every token and give the dense
     model's logits. A tie that skips drops whole branches: the logits move by >= 7e-2."""
     model = routed_tiny(route, scale=0.0, kv_policy="window" if route == "kv" else "drop", kv_window=4)
-    dense = dlo.activate(model, "none")
+    dense = methods.activate(model, "none")
     g = torch.Generator().manual_seed(3)
     for lengths in LENGTHS:
         prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
@@ -398,16 +400,17 @@ def test_mod_topk_routes_exactly_topk_at_original_positions():
     valid = torch.ones(1, T, dtype=torch.bool)
     rule = Rule("topk", capacity=torch.tensor([0.25], dtype=torch.float64))
     with torch.no_grad():
-        out, (trace,) = block(x, Context(rope, valid, valid, None, rule, causal_only=True), 0)
+        ctx = RoutedContext(rope, valid, None, True, routable=valid, rule=rule)
+        out, (trace,) = block(x, ctx), ctx.traces
         p = trace.p[0]
         top = p.topk(4).indices.sort().values                         # k = 0.25 * 16, causal order
         assert trace.sel[0].nonzero().squeeze(1).tolist() == top.tolist()
-        dense = dlo.activate(tiny_model(), "none").layers[1]          # the same weights, no router
+        dense = methods.activate(tiny_model(), "none").layers[1]          # the same weights, no router
         dense.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("router")})
         sub = x[:, top]
         sub_valid = torch.ones(1, 4, dtype=torch.bool)
         sub_rope = rope_tables(positions[:, top], 8, 10000.0)
-        sub_out, _ = dense(sub, Context(sub_rope, sub_valid, sub_valid, None, rule, causal_only=True), 0)
+        sub_out = dense(sub, Context(sub_rope, sub_valid, None, causal_only=True))
         want = x.clone()
         want[:, top] = sub + p[top][None, :, None] * (sub_out - sub)
     assert (out - want).abs().max() < 1e-5       # a gate of 1 instead of p (0.66..0.90 here) moves it by 6e-2
@@ -424,14 +427,14 @@ def test_dlo_gate_scales_the_selected_mlp_in_both_paths():
     rule = Rule("threshold", 0.5)
 
     def want(x, positions, single):
-        ctx = Context(rope_tables(positions, 8, 10000.0), torch.ones_like(positions, dtype=torch.bool),
-                      positions >= 1, None, rule, causal_only=True, single=single)
+        ctx = RoutedContext(rope_tables(positions, 8, 10000.0), torch.ones_like(positions, dtype=torch.bool), None,
+                            True, routable=positions >= 1, rule=rule, single=single)
         h = x + block.attention(x, ctx)
         y = block.mlp(block.post_attention_layernorm(h))
         p = torch.sigmoid(x @ block.router.weight[0])
         run = (p >= 0.5) | (positions < 1)
         gate = 1 + gap * (p - 0.5)
-        return block(x, ctx, 0)[0], h + (run * gate)[..., None] * y, run, (p - 0.5).abs()[..., None] * y
+        return block(x, ctx), h + (run * gate)[..., None] * y, run, (p - 0.5).abs()[..., None] * y
 
     with torch.no_grad():
         out, expected, run, gate_effect = want(x, positions, single=False)

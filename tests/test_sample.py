@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
-import dlo
+import growth
+import methods
 import weights
 from conftest import tiny_model
 from sample import RGB, sample_next, write_depth_png
@@ -25,10 +25,10 @@ def folders(tmp_path_factory):
     weights.save_hf(dense, d / "dense", tokenizer=tok)
     for name in ("routed", "split"):
         if name == "routed":
-            model = dlo.activate(dense, "mlp", sink_tokens=1)
+            model = methods.activate(dense, "mlp", sink_tokens=1)
         else:   # the inserted layers' attention and MLP routed apart, the first two layers' attention too
-            grown = dlo.expand(dense, "interleave", n_new=2)
-            model = dlo.activate(grown, "attn+mlp", layers=grown.config.new_layers, attn_layers=[0, 1], sink_tokens=1,
+            grown = growth.expand(dense, "interleave", n_new=2)
+            model = methods.activate(grown, "attn+mlp", layers=grown.config.new_layers, attn_layers=[0, 1], sink_tokens=1,
                                  kv_policy="drop")
         with torch.no_grad():
             for layer in model.layers:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import dlo
+import growth
+import methods
 from conftest import routed_tiny, tiny_model
 from router import Rule
 from schedule import CapacitySchedule
@@ -167,7 +169,7 @@ def test_backbone_unfreezes_as_it_was_and_llama_pro_layers_stay_frozen():
     """set_backbone_trainable(True) after a warm-up restores every requires_grad flag as the
     model was built: all on for DLO; for LLaMA Pro (freeze_original) the original layers,
     embeddings, norm and head stay frozen, and only the new layers and routers train."""
-    for model in (routed_tiny(), dlo.activate(dlo.expand(tiny_model(), "interleave", n_new=2, freeze_original=True),
+    for model in (routed_tiny(), methods.activate(growth.expand(tiny_model(), "interleave", n_new=2, freeze_original=True),
                                               "mlp")):
         built = {n: p.requires_grad for n, p in model.named_parameters()}
         set_backbone_trainable(model, False)
@@ -294,7 +296,7 @@ def test_label_split_takes_capacity_where_the_labels_put_it():
 
 
 def test_param_groups_cover_each_trainable_parameter_once():
-    model = dlo.activate(dlo.expand(tiny_model(), "interleave", n_new=2), "mlp")
+    model = methods.activate(growth.expand(tiny_model(), "interleave", n_new=2), "mlp")
     groups = param_groups(model, router_lr_scale=3.0, new_lr_scale=10.0)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import dlo
+import growth
+import methods
 import weights
 from conftest import tiny_model
 from tokenizer import load_tokenizer
@@ -27,7 +27,7 @@ def test_export_round_trip(tmp_path, arch):
 
 
 def test_expanded_routed_model_round_trips(tmp_path):
-    model = dlo.activate(dlo.expand(tiny_model(), "interleave", n_new=2, init="copy"), "block", kv_policy="drop")
+    model = methods.activate(growth.expand(tiny_model(), "interleave", n_new=2, init="copy"), "block", kv_policy="drop")
     with torch.no_grad():
         for layer in model.layers:
             layer.router.weight.normal_()
