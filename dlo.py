@@ -244,8 +244,7 @@ class RoutedBlock(Block):
         flat = h.reshape(-1, h.size(-1))
         mlp_rows = lambda idx: self.mlp(self.post_attention_layernorm(flat[idx]))
         out, sim = add_selected(h, sel, self.gate(torch.sigmoid(logit)), mlp_rows, ctx.rule.similarity)
-        ctx.traces.append(Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim))
-        return out
+        return out, [Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim)]
 
     def forward_one(self, x, h, ctx):
         """forward for a single token, as in batch-1 decode: one host sync decides, then the
@@ -259,11 +258,10 @@ class RoutedBlock(Block):
             run = sink or bool(select(x.new_zeros(1, 1), ctx.routable, ctx.valid, rule, slot))
         if not run:
             logit = x.new_zeros(1, 1, dtype=torch.float32) if logit is None else logit
-            ctx.traces.append(Trace(self.index, logit, ~ctx.valid, ctx.valid, ctx.routable))
-            return h
+            return h, [Trace(self.index, logit, ~ctx.valid, ctx.valid, ctx.routable)]
         logit = self.router(x) if logit is None else logit
-        ctx.traces.append(Trace(self.index, logit, ctx.valid, ctx.valid, ctx.routable))
-        return h + self.gate(float(torch.sigmoid(logit))) * self.mlp(self.post_attention_layernorm(h))
+        out = h + self.gate(float(torch.sigmoid(logit))) * self.mlp(self.post_attention_layernorm(h))
+        return out, [Trace(self.index, logit, ctx.valid, ctx.valid, ctx.routable)]
 
     def fusable(self, x, rule):
         """The Triton path (kernels.py): threshold routing at inference, no autograd, CUDA."""
@@ -278,8 +276,7 @@ class RoutedBlock(Block):
                                          self.post_attention_layernorm, self.mlp,
                                          layer_threshold(ctx.rule, len(ctx.traces)), ctx.routable.flatten(),
                                          (ctx.valid & ~ctx.routable).flatten(), self.gate, decode=T == 1)
-        ctx.traces.append(Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable))
-        return out.view_as(h)
+        return out.view_as(h), [Trace(self.index, torch.logit(p).view(B, T), sel.view(B, T), ctx.valid, ctx.routable)]
 
 
 class DLO(GPT):

@@ -146,7 +146,7 @@ def block_influence(model, batches):
 
     def hook(layer, args, output, i):
         x, valid = args[0], current["valid"]
-        cos = torch.nn.functional.cosine_similarity(x.float(), output.float(), dim=-1)
+        cos = torch.nn.functional.cosine_similarity(x.float(), output[0].float(), dim=-1)
         sums[i] += float(cos[valid].sum())
 
     handles = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))

@@ -184,7 +184,7 @@ class Context:
     valid: torch.Tensor           # (B, T) real tokens
     input_pos: object             # (T,) cache slots this chunk writes; None = no cache
     causal_only: bool             # no cache, right padding: attention needs no mask
-    traces: list = field(default_factory=list)   # what each routed part did (dlo.py)
+    traces: list = field(default_factory=list)   # what the routed parts so far did (dlo.py)
 
 
 class Block(nn.Module):
@@ -204,8 +204,10 @@ class Block(nn.Module):
         return self.self_attn(self.input_layernorm(x), ctx.rope, ctx.input_pos, ctx.valid, ctx.causal_only)
 
     def forward(self, x, ctx):
+        """The block output and what its routers did (a dense block has none). Both are
+        returned, not stored: FSDP sees to the gradients of a block's outputs alone."""
         h = x + self.attention(x, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h)), []
 
 
 class GPT(nn.Module):
@@ -263,7 +265,8 @@ class GPT(nn.Module):
         x, rope = self.embed(idx, positions)
         ctx = self.context(rope, valid, positions, input_pos, **context)
         for layer in self.layers:
-            x = layer(x, ctx)
+            x, traces = layer(x, ctx)
+            ctx.traces += traces
         self.route_trace = ctx.traces
         x = self.norm(x)
         if targets is not None:

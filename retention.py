@@ -24,9 +24,9 @@ class RetentionBlock(SkipBlock):
         if ctx.rule.similarity:   # low = worth keeping; only keys that some far query sees get a label
             a, (mass, far) = a
             sim, labelled = -mass, ctx.routable & far
-        ctx.traces.append(Trace(self.index, logit, sel, ctx.valid, labelled, sim, "kv", PART_SKIPS["kv"]))
         h = x + a
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h)), [Trace(self.index, logit, sel, ctx.valid, labelled, sim,
+                                                                      "kv", PART_SKIPS["kv"])]
 
 
 def kept_map(traces, n_layer, kv_policy):

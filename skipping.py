@@ -126,35 +126,43 @@ class SkipBlock(RoutedBlock):
         return False
 
     def forward(self, x, ctx):
+        slot = len(ctx.traces)
         if self.kind == "block":
-            return self.route(self.router, "block", x, x, ctx, self.block_rows)
-        h = self.route(self.attn_router, "attn", x, x, ctx, self.attn_rows) if self.attn_router is not None \
-            else x + self.attention(x, ctx)
+            out, trace = self.route(self.router, "block", x, x, ctx, slot, self.block_rows)
+            return out, [trace]
+        traces = []
+        if self.attn_router is not None:
+            h, trace = self.route(self.attn_router, "attn", x, x, ctx, slot, self.attn_rows)
+            traces.append(trace)
+        else:
+            h = x + self.attention(x, ctx)
         if self.router is None:
-            return h + self.mlp(self.post_attention_layernorm(h))
+            return h + self.mlp(self.post_attention_layernorm(h)), traces
         # DLO's router reads the block input (arXiv 2407.11030, section 3.2); when the
         # attention is routed too, the MLP's router reads the MLP's own input, as SkipGPT's
-        return self.route(self.router, "mlp", x if self.kind == "mlp" else h, h, ctx, self.mlp_rows)
+        reads = x if self.kind == "mlp" else h
+        out, trace = self.route(self.router, "mlp", reads, h, ctx, slot + len(traces), self.mlp_rows)
+        return out, traces + [trace]
 
-    def route(self, router, part, reads, base, ctx, rows_for):
+    def route(self, router, part, reads, base, ctx, slot, rows_for):
         """One routed part: decide from `reads`, then base + gate * branch on the selected
-        tokens; rows_for(base, ctx, sel) gives the branch for rows of the flat tokens."""
-        rule, slot = ctx.rule, len(ctx.traces)
+        tokens; rows_for(base, ctx, sel) gives the branch for rows of the flat tokens.
+        Returns the output and the part's router.Trace."""
+        rule = ctx.rule
         predicting = isinstance(rule, mod.PredictorRule)
         if ctx.single and rule.per_token and not rule.similarity:
-            return self.route_one(router, part, reads, base, ctx)
+            return self.route_one(router, part, reads, base, ctx, slot)
         logit = router(reads)
         pred = router.predict(reads) if isinstance(router, mod.PredictorRouter) else None
         sel = select(pred if predicting else logit, ctx.routable, ctx.valid, rule, slot)
         out, sim = add_selected(base, sel, self.gate(torch.sigmoid(logit)), rows_for(base, ctx, sel), rule.similarity)
         trace = Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim, part, PART_SKIPS[part])
-        ctx.traces.append(trace if pred is None else mod.PredictorTrace(**vars(trace), pred_logit=pred))
-        return out
+        return out, trace if pred is None else mod.PredictorTrace(**vars(trace), pred_logit=pred)
 
-    def route_one(self, router, part, reads, base, ctx):
+    def route_one(self, router, part, reads, base, ctx, slot):
         """route() for a single token (dlo.RoutedBlock.forward_one): a skipped attention
         still writes its K/V under "compute" and "window"."""
-        rule, slot, sink = ctx.rule, len(ctx.traces), not bool(ctx.routable)
+        rule, sink = ctx.rule, not bool(ctx.routable)
         logit = router(reads) if rule.kind == "threshold" and not sink else None
         if logit is not None:
             run = float(torch.sigmoid(logit)) >= layer_threshold(rule, slot)
@@ -166,8 +174,7 @@ class SkipBlock(RoutedBlock):
                 self.self_attn.routed(base, self.input_layernorm, ctx.rope, ctx.input_pos, ctx.valid,
                                       self.cfg.kv_policy, ~ctx.valid)
             logit = reads.new_zeros(1, 1, dtype=torch.float32) if logit is None else logit
-            ctx.traces.append(trace(logit=logit, sel=~ctx.valid))
-            return base
+            return base, trace(logit=logit, sel=~ctx.valid)
         logit = router(reads) if logit is None else logit
         gate = self.gate(float(torch.sigmoid(logit)))
         if part == "mlp":
@@ -176,8 +183,7 @@ class SkipBlock(RoutedBlock):
             y = self.attention(base, ctx)
             if part == "block":
                 y = y + self.mlp(self.post_attention_layernorm(base + y))
-        ctx.traces.append(trace(logit=logit, sel=ctx.valid))
-        return base + gate * y
+        return base + gate * y, trace(logit=logit, sel=ctx.valid)
 
     def mlp_rows(self, h, ctx, sel):
         flat = h.reshape(-1, h.size(-1))

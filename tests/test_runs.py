@@ -162,7 +162,7 @@ def test_kv_window_is_rewritten_only_where_the_policy_has_one(setup, single, tmp
     weights.save_checkpoint(str(path), ckpt)
     weights.set_kv_window(str(path), 16)
     assert weights.load_checkpoint(str(path)).model_config["kv_window"] == 16
-    assert weights.model_from_checkpoint(weights.load_checkpoint(str(path))).layers[0].self_attn.window == 16
+    assert weights.model_from_checkpoint(weights.load_checkpoint(str(path))).config.kv_window == 16
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
