@@ -246,16 +246,20 @@ class RoutedBlock(Block):
         out, sim = add_selected(h, sel, self.gate(torch.sigmoid(logit)), mlp_rows, ctx.rule.similarity)
         return out, [Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim)]
 
+    def decide_one(self, router, reads, ctx, slot):
+        """Batch-1 decode's decision, made on the host: (does the token run, the router's logit
+        or None). A rule that decides without the router runs it only for a token that runs."""
+        rule, sink = ctx.rule, not bool(ctx.routable)
+        logit = router(reads) if rule.kind == "threshold" and not sink else None
+        if logit is not None:
+            return float(torch.sigmoid(logit)) >= layer_threshold(rule, slot), logit
+        return sink or bool(select(reads.new_zeros(1, 1), ctx.routable, ctx.valid, rule, slot)), None
+
     def forward_one(self, x, h, ctx):
         """forward for a single token, as in batch-1 decode: one host sync decides, then the
         MLP runs densely or not at all, with no gather, scatter or mask, and the gate is a
-        Python number. A rule that decides without the router runs it only for the gate."""
-        rule, slot, sink = ctx.rule, len(ctx.traces), not bool(ctx.routable)
-        logit = self.router(x) if rule.kind == "threshold" and not sink else None
-        if logit is not None:
-            run = float(torch.sigmoid(logit)) >= layer_threshold(rule, slot)
-        else:
-            run = sink or bool(select(x.new_zeros(1, 1), ctx.routable, ctx.valid, rule, slot))
+        Python number."""
+        run, logit = self.decide_one(self.router, x, ctx, len(ctx.traces))
         if not run:
             logit = x.new_zeros(1, 1, dtype=torch.float32) if logit is None else logit
             return h, [Trace(self.index, logit, ~ctx.valid, ctx.valid, ctx.routable)]

@@ -33,10 +33,50 @@ from controls import oracle_rule, random_rule, static_rule
 from data import open_split
 from mod import make_labels
 from retention import kept_map
-from router import Rule, executed_fraction, executed_map, router_agreement
+from router import Rule, bce_sum, select_topk
 from schedule import part_schedule
 from tokenizer import load_tokenizer
 from weights import autocast, pick_device, pick_dtype
+
+
+# ---- what ran ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def router_agreement(traces, labels):
+    """How well the routers rank tokens by their labels: per layer, run the router's own top
+    fraction f_l (f_l = the layer's label fraction) and count decisions equal to the
+    label; also the mean BCE. Random routers score f^2 + (1-f)^2 per layer."""
+    agree, bce, n = 0.0, 0.0, 0.0
+    for t, y in zip(traces, labels):
+        frac = (y & t.routable).sum() / t.routable.sum().clamp(min=1)
+        mine = select_topk(t.logit, t.routable, frac)
+        agree += float(((mine == y) & t.routable).sum())
+        bce += float(bce_sum([t.logit], [y], [t]))
+        n += float(t.routable.sum())
+    return agree / max(n, 1.0), bce / max(n, 1.0)
+
+
+def executed_fraction(traces, n_layer, n_valid):
+    """(attention, MLP): the fraction of all n_layer attentions and of all n_layer MLPs
+    that ran, per real token; unrouted parts and sink tokens count as run. A skipped
+    block skips both (Trace.skips). Training and evaluation use this same denominator."""
+    total = n_layer * max(n_valid, 1)
+    skipped = {"attn": 0, "mlp": 0}
+    for t in traces:
+        for part in t.skips:
+            skipped[part] = skipped[part] + (t.valid & ~t.sel).sum()
+    return tuple(float(n_layer * n_valid - skipped[part]) / total for part in ("attn", "mlp"))
+
+
+def executed_map(traces, n_layer):
+    """(B, T, n_layer, 2) bool from one forward's traces: did the layer's attention
+    ([..., 0]) and its MLP ([..., 1]) run?"""
+    ref = traces[0].valid
+    ran = torch.ones(*ref.shape, n_layer, 2, dtype=torch.bool, device=ref.device)
+    for t in traces:
+        for part in t.skips:
+            ran[..., t.layer, ("attn", "mlp").index(part)] = t.sel
+    return ran
 
 
 def row_stats(row_sums, row_counts):

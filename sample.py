@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import weights
 from cache import CompactKVCache
-from router import executed_map
+from evaluate import executed_map
 from weights import pick_device
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."

@@ -20,7 +20,7 @@ import mod
 from cache import Keys, RoutedKVCache, attend_rows, key_mask, received_attention
 from dlo import RoutedBlock, add_selected
 from model import Attention, Block, apply_rope, attend
-from router import Router, Trace, dlo_gate, layer_threshold, select
+from router import Router, Trace, dlo_gate, select
 
 # what one layer's routers decide: one part, or two each with its own router
 PARTS = {"mlp": ("mlp",), "attn": ("attn",), "attn+mlp": ("attn", "mlp"), "block": ("block",), "kv": ("kv",)}
@@ -162,12 +162,7 @@ class SkipBlock(RoutedBlock):
     def route_one(self, router, part, reads, base, ctx, slot):
         """route() for a single token (dlo.RoutedBlock.forward_one): a skipped attention
         still writes its K/V under "compute" and "window"."""
-        rule, sink = ctx.rule, not bool(ctx.routable)
-        logit = router(reads) if rule.kind == "threshold" and not sink else None
-        if logit is not None:
-            run = float(torch.sigmoid(logit)) >= layer_threshold(rule, slot)
-        else:
-            run = sink or bool(select(reads.new_zeros(1, 1), ctx.routable, ctx.valid, rule, slot))
+        run, logit = self.decide_one(router, reads, ctx, slot)
         trace = partial(Trace, self.index, valid=ctx.valid, routable=ctx.routable, part=part, skips=PART_SKIPS[part])
         if not run:
             if part != "mlp" and self.cfg.kv_policy != "drop":   # its K/V still written

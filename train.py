@@ -46,7 +46,7 @@ import weights
 from data import DATASETS
 from methods import CHOICES as MODEL_CHOICES
 from mod import LABELS, load_loss, make_labels, router_loss
-from router import Rule, executed_fraction, routable_tokens
+from router import Rule, routable_tokens
 from schedule import SPLITS, dynamic_lr_scales, part_schedule
 from weights import autocast, pick_device, pick_dtype
 
@@ -439,7 +439,7 @@ class Trainer:
                 (loss * self.world).backward()
             traces = model.route_trace
             n = int(valid.sum())
-            attn_ran, mlp_ran = (f * n for f in executed_fraction(traces, model.config.n_layer, n))
+            attn_ran, mlp_ran = (f * n for f in evaluate.executed_fraction(traces, model.config.n_layer, n))
             totals += torch.tensor([float(loss.detach()), float(lm.detach()), attn_ran, mlp_ran, n],
                                    dtype=torch.float64)
             if frac is not None:   # weighted by the micro-batch's routable tokens

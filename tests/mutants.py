@@ -41,17 +41,16 @@ MUTANTS = [
     Mutant("gate-p", "router.py", "return 1.0 + gap * (p - 0.5)", "return p"),
     # the gate the fused kernels are given, and MoD's gate (the block output times p)
     Mutant("kernel-ignores-gate", "kernels.py", "g = tl.load(g_ptr + row)", "g = 1.0"),
-    Mutant("mod-gate-ignored", "model.py",
-           'return p if self.cfg.route_gate == "mod" else dlo_gate(p, self.cfg.route_gap)',
-           "return dlo_gate(p, self.cfg.route_gap)"),
+    Mutant("mod-gate-ignored", "skipping.py", 'return p if self.cfg.route_gate == "mod" else dlo_gate(p, self.gap)',
+           "return dlo_gate(p, self.gap)"),
     # a tie at p == threshold runs (zero-initialised routers are the dense model)
     Mutant("tie-skips", "router.py", "return (p >= threshold) & routable", "return (p > threshold) & routable"),
-    Mutant("tie-skips-decode", "model.py", "float(torch.sigmoid(logit)) >= layer_threshold(rule, slot)",
+    Mutant("tie-skips-decode", "dlo.py", "float(torch.sigmoid(logit)) >= layer_threshold(rule, slot)",
            "float(torch.sigmoid(logit)) > layer_threshold(rule, slot)"),
     Mutant("sinks-ignored", "router.py", "return valid & (positions >= sink_tokens) if sink_tokens else valid",
            "return valid"),
     # K/V policies and the compact cache
-    Mutant("drop-writes-kv", "model.py", 'drop = policy == "drop"', "drop = False"),
+    Mutant("drop-writes-kv", "skipping.py", 'drop = policy == "drop"', "drop = False"),
     Mutant("kept-evicted", "cache.py", "(self.kept | (next_slot[:, None] - self.slot < self.window))",
            "(next_slot[:, None] - self.slot < self.window)"),
     Mutant("evict-window-early", "cache.py", "next_slot[:, None] - self.slot < self.window)",
@@ -61,10 +60,10 @@ MUTANTS = [
     Mutant("capacity-rescale", "schedule.py", 'if self.split == "rescale" or c_bar < float(f.mean()):',
            "if True:"),
     Mutant("ddp-reduction-x2", "train.py", "(loss * self.world).backward()", "(loss * self.world ** 2).backward()"),
-    Mutant("labels-wrong-branch", "model.py",   # cos(x, block output) instead of cos(h, h + mlp)
-           "        return out, Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim, pred, part)",
-           "        sim = None if sim is None else F.cosine_similarity(reads.float(), out.float(), dim=-1)\n"
-           "        return out, Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim, pred, part)"),
+    Mutant("labels-wrong-branch", "dlo.py",   # cos(x, block output) instead of cos(h, h + mlp)
+           "        return out, [Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim)]",
+           "        sim = None if sim is None else torch.cosine_similarity(x.float(), out.float(), dim=-1)\n"
+           "        return out, [Trace(self.index, logit, sel, ctx.valid, ctx.routable, sim)]"),
     Mutant("loss-drops-last-chunk", "model.py", "for i in range(0, h.size(0), LOSS_CHUNK)]",
            "for i in range(0, max(h.size(0) - LOSS_CHUNK, 1), LOSS_CHUNK)]"),
     # inference

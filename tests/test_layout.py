@@ -35,6 +35,7 @@ READING_PATH = [
     ("schedule.py", "CapacitySchedule"),
     ("dlo.py", "calibrate"), ("dlo.py", "thresholds_from_topk"),
     ("sample.py", "generate_stream"), ("sample.py", "decode_one_token"), ("dlo.py", "RoutedBlock.forward_one"),
+    ("dlo.py", "RoutedBlock.decide_one"),
 ]
 OTHER_METHODS = re.compile(r"\b(attn_router|attn_routed_layers|kv_policy|kv_window|route_gate|route_predictor|"
                            r"predictor|gpt2|arch|retention|window|PARTS|SkipBlock|mod)\b")
