@@ -31,7 +31,7 @@ eager PyTorch launching one kernel per op (O(N) vectors listed apart):
   unfused scale + scatter: y * g reads and writes MCb; index_add copies base (2NCb) and
     reads and writes M rows of it (3MCb): 2NCb + 5MCb
   fused: reads y and M rows of base, writes them: 3MCb, plus 2NCb for the copy unless
-    inplace=True (the caller owns base, as Block.mlp_routed_fused's fresh residual does)
+    inplace=True (the caller owns base, as dlo.RoutedBlock.forward_fused's fresh residual does)
 
 Saved per routed layer: 8NC + MC(4b + 28) bytes in route + gather (bf16: 8NC + 36MC; fp32,
 where the .float/.type_as copies vanish: 28MC), 2MCb in scale + scatter, 2NCb more with
@@ -397,7 +397,7 @@ def route_mlp(x, h, router_weight, norm_weight, eps, threshold, valid, gate_weig
 
 
 def routed_mlp(x, h, router_weight, norm, mlp, threshold, routable, sinks, gate_fn, decode):
-    """DLO's routed MLP at inference, fused (model.Block.mlp_routed_fused): h plus
+    """DLO's routed MLP at inference, fused (dlo.RoutedBlock.forward_fused): h plus
     gate_fn(p) * mlp(norm(h)) on the tokens with p >= threshold, and the sinks. x, h (N, C);
     norm, mlp: the block's RMSNorm and SwiGLU MLP. Decode (a token per row): route_mlp,
     with no host sync. Prefill: route_gather, the MLP on the packed rows, then

@@ -108,7 +108,7 @@ class SkipBlock(RoutedBlock):
     under MoD's gate or predictor."""
 
     def __init__(self, cfg, index):
-        Block.__init__(self, cfg)
+        Block.__init__(self, cfg)   # not RoutedBlock's: which routers a layer has depends on its kind
         self.self_attn = RoutedAttention(cfg)
         self.cfg, self.index, self.kind, self.gap = cfg, index, cfg.layer_route(index), cfg.route_gap
         parts = PARTS[self.kind]
@@ -119,10 +119,10 @@ class SkipBlock(RoutedBlock):
     def routers(self):
         return [r for r in (self.attn_router, self.router) if r is not None]
 
-    def gate(self, p):
+    def gate(self, p):   # MoD's gate: the branch times p (arXiv 2404.02258, section 3.4)
         return p if self.cfg.route_gate == "mod" else dlo_gate(p, self.gap)
 
-    def fusable(self, x, rule):
+    def fusable(self, x, rule):   # the kernels fuse DLO's router with the MLP only
         return False
 
     def forward(self, x, ctx):
