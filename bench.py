@@ -74,7 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--base", default="", help="--long: the base after the same SFT (.pt); default: --init_from as released")
     p.add_argument("--models", default="", help="--long: routed checkpoints (.pt) to set beside the base")
     p.add_argument("--labels", default="", help="--long: a name for the base and each checkpoint, comma-separated")
-    return p.parse_args(argv)
+    p.add_argument("--prefill_chunk", type=int, default=0,
+                   help="--long: prefill this many tokens at a time (0 = the whole prompt in one forward)")
+    args = p.parse_args(argv)
+    if args.prefill_chunk < 0:
+        p.error(f"--prefill_chunk must be >= 0, got {args.prefill_chunk}")
+    return args
 
 
 @torch.no_grad()
@@ -251,12 +256,12 @@ def peak_rss_mb():
 
 
 @torch.no_grad()
-def long_decode(model, prompt, new_tokens):
+def long_decode(model, prompt, new_tokens, prefill_chunk=0):
     """Prefill seconds, decode tokens/s, KV bytes allocated and peak process MB for one
     prompt, decoded with the compact cache (cache.py), which holds only what ran."""
     peak_rss_reset()
     t0 = time.perf_counter()
-    for i, step in enumerate(generate_stream(model, [prompt], new_tokens, page=256)):
+    for i, step in enumerate(generate_stream(model, [prompt], new_tokens, page=256, prefill_chunk=prefill_chunk)):
         if i == 0:
             t1 = time.perf_counter()
         if i == new_tokens - 1:   # the caches are alive until the stream closes
@@ -298,7 +303,8 @@ def long_context(args, device):
         if len(text) < ctx:
             raise SystemExit(f"error: the prompt text has {len(text)} tokens, fewer than the context {ctx}")
         # the prompt and the new tokens together fill the context: SmolLM2 holds 8,192 positions
-        runs = [lambda m=m: long_decode(m, text[:ctx - args.new_tokens], args.new_tokens) for m in models]
+        runs = [lambda m=m: long_decode(m, text[:ctx - args.new_tokens], args.new_tokens, args.prefill_chunk)
+                for m in models]
         results = [[] for _ in models]
         for r in range(args.repeats):
             for i in (range(len(models)) if r % 2 == 0 else reversed(range(len(models)))):

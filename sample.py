@@ -93,14 +93,22 @@ def kv_caches(model, batch_size, max_seq, page=0):
             layer.self_attn.kv_cache = None
 
 
-def prefill(model, batch, rule):
-    """The whole prompt in one forward, writing cache slots 0..P-1. Returns the last
-    position's logits (B, V) and, for a routed model, the attentions and MLPs each prompt
-    token ran (B, P, n_layer, 2)."""
+def prefill(model, batch, rule, chunk=0):
+    """The prompt in forwards of `chunk` tokens (0: all in one), writing cache slots
+    0..P-1; each chunk's queries attend to what the chunks before wrote, so the logits are
+    the same, while only chunk x context attention scores and chunk tokens' activations
+    are alive at once. Returns the last position's logits (B, V) and, for a routed model,
+    the attentions and MLPs each prompt token ran (B, P, n_layer, 2)."""
     P = batch.idx.size(1)
-    logits, _ = model(batch.idx, input_pos=torch.arange(P, device=batch.idx.device), positions=batch.positions,
-                      valid=batch.valid, rule=rule, last_only=True)
-    return logits[:, -1], (executed_map(model.route_trace, model.config.n_layer) if model.route_trace else None)
+    chunk = chunk or P
+    ran = []
+    for start in range(0, P, chunk):
+        part = slice(start, min(P, start + chunk))
+        logits, _ = model(batch.idx[:, part], input_pos=torch.arange(P, device=batch.idx.device)[part],
+                          positions=batch.positions[:, part], valid=batch.valid[:, part], rule=rule, last_only=True)
+        if model.route_trace:
+            ran.append(executed_map(model.route_trace, model.config.n_layer))
+    return logits[:, -1], (torch.cat(ran, 1) if ran else None)
 
 
 def decode_one_token(model, token, slot, position, alive, rule):
@@ -130,11 +138,12 @@ class Step:
 
 @torch.no_grad()
 def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=(),
-                    rule=None, generator=None, compiled=False, page=0):
+                    rule=None, generator=None, compiled=False, page=0, prefill_chunk=0):
     """Yields one Step per new token. Prompts of different lengths are left-padded; the
     context check happens here, once, not in every forward. compiled: decode with
     compiled_decode_one_token (the first call compiles). page > 0: the KV cache that stores
-    only what ran (cache.py), grown `page` entries at a time."""
+    only what ran (cache.py), grown `page` entries at a time. prefill_chunk > 0: the prompt
+    goes through in chunks of that many tokens (prefill)."""
     device = model.embed_tokens.weight.device
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token")
@@ -147,7 +156,7 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     with kv_caches(model, len(prompts), P + max_new_tokens, page):
-        logits, prompt_ran = prefill(model, batch, rule)
+        logits, prompt_ran = prefill(model, batch, rule, prefill_chunk)
         ran, position = (prompt_ran[:, -1] if prompt_ran is not None else None), batch.positions[:, -1:] + 1
         slot = torch.full((1,), P, dtype=torch.long, device=device)
         decode = compiled_decode_one_token if compiled else decode_one_token
@@ -211,6 +220,8 @@ def parse_args(argv=None):
     p.add_argument("--depth_png", default="out/depth.png", help="the same picture as a PNG, if matplotlib is "
                    "installed ('' = none)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (the first call compiles)")
+    p.add_argument("--prefill_chunk", type=int, default=0,
+                   help="prefill the prompt this many tokens at a time: less memory, same tokens (0 = all at once)")
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1 or (args.top_k is not None and args.top_k < 0):
         p.error("--top_p must be in (0, 1] and --top_k >= 0")
@@ -218,6 +229,8 @@ def parse_args(argv=None):
         p.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.num_samples < 1 or args.max_new_tokens < 1:
         p.error("--num_samples and --max_new_tokens must be >= 1")
+    if args.prefill_chunk < 0:
+        p.error(f"--prefill_chunk must be >= 0 (0 = the whole prompt at once), got {args.prefill_chunk}")
     return args
 
 
@@ -350,7 +363,8 @@ def main(argv=None):
         try:
             for step in generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature,
                                         top_k=args.top_k, top_p=args.top_p, stop_ids=[tok.eos_id, tok.im_end_id],
-                                        rule=rule, generator=generator, compiled=args.compile):
+                                        rule=rule, generator=generator, compiled=args.compile,
+                                        prefill_chunk=args.prefill_chunk):
                 t_first = t_first or time.time()   # the prompt's prefill ends with the first token
                 if step.prompt_ran is not None:     # the prompt's own depth, token by token
                     for piece, row in zip(pieces_of(tok, ids), step.prompt_ran[0][step.prompt_valid[0]]):

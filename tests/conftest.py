@@ -120,7 +120,7 @@ def full_decisions(model):
 def cached_logits(model, prompts, rule=None, page=0, split=None, step=1, decisions=False, on_step=None):
     """Prefill the first `split` slots (default: half the longest prompt) of the prompts
     left-padded in one batch, then decode `step` slots per forward (1: token by token, at
-    batch 1 through Block.route_one); returns each row's logits for every real position.
+    batch 1 through dlo.RoutedBlock.forward_one); returns each row's logits for every real position.
     page > 0: the compact cache (cache.py), grown that many entries at a time.
     decisions: also return each row's decisions (n_parts, its length), as full_decisions.
     on_step(model, last): called after each forward, caches alive, `last` its last slot."""
@@ -159,7 +159,7 @@ KINDS = {"mlp": ("mlp", {}), "attn": ("attn", {}), "attn+mlp": ("attn+mlp", {}),
 # applies to it; K/V retention needs "window"
 KIND_POLICIES = ([("mlp", "compute")] + [(kind, policy) for kind in ("attn", "attn+mlp", "block", "block+attn")
                                          for policy in ("compute", "drop", "window")] + [("kv", "window")])
-LENGTHS = ((13,), (6, 13, 9))   # one prompt, whose decode steps take Block.route_one; a ragged batch
+LENGTHS = ((13,), (6, 13, 9))   # one prompt, whose decode steps decide on the host; a ragged batch
 
 
 def routed(kind, policy, **options):

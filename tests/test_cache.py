@@ -13,7 +13,7 @@ import torch
 from conftest import (KIND_POLICIES, TOL, assert_decode_equals_full_forward, cached_logits, full_decisions,
                       full_logits, routed, routed_tiny, tiny_model)
 from router import Rule
-from sample import kv_caches
+from sample import generate, kv_caches, pad_left, prefill
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +30,7 @@ def live_slots(cache, b=0):
 @pytest.mark.parametrize("page", [1, 256])
 def test_compact_cache_decode_equals_full_forward(kind, policy, page):
     """The compact cache, grown an entry at a time (under "window": evicting at every
-    step) or never regrown, decodes one prompt (Block.route_one) and a ragged batch with
+    step) or never regrown, decodes one prompt (the host decision of batch-1 decode) and a ragged batch with
     the decisions and logits of each prompt's full forward, for every routed kind under
     every K/V policy it takes (test_routing covers pages of 4)."""
     model = tiny_model() if kind == "none" else routed(kind, policy)
@@ -107,7 +107,7 @@ def test_a_long_prompt_is_freed_at_the_first_decode_step():
 @pytest.mark.parametrize("route", ["kv", "attn"])
 def test_eviction_at_long_context_equals_the_uncached_window_policy(route):
     """600 tokens, a window of 16, pages of 64: decoding one prompt token by token (under
-    "attn" through Block.route_one) and a ragged batch 8 tokens per forward evicts pages
+    "attn" through the host decision of batch-1 decode) and a ragged batch 8 tokens per forward evicts pages
     along the way and still makes the decisions and gives the logits of each prompt's full
     forward under the window policy. At the end each row of each layer holds exactly its
     kept tokens and the window behind the last eviction, in fewer pages than 600 positions."""
@@ -140,3 +140,28 @@ def test_eviction_at_long_context_equals_the_uncached_window_policy(route):
                 assert end["live"][i][b] == want and len(want) < len(prompt) - page
             longest = max(len(row) for row in end["live"][i])
             assert end["capacity"][i] == math.ceil(longest / page) * page < P
+
+
+@pytest.mark.parametrize("kind,policy", [("dense", "compute")] + KIND_POLICIES)
+@pytest.mark.parametrize("page", [0, 4])
+def test_chunked_prefill_equals_one_chunk(kind, policy, page, one_thread):
+    """sample.prefill in chunks of 5 tokens (then 1, the smallest) of a ragged, left-padded
+    batch: the last logits within TOL of the one-forward prefill, the same attentions and
+    MLPs run per prompt token, and the same greedy tokens after it, on both caches."""
+    model = tiny_model() if kind == "dense" else routed(kind, policy)
+    prompts = [list(range(3, 16)), [7, 8, 9, 10, 11, 12]]
+    batch = pad_left(prompts, "cpu")
+
+    def run(chunk):
+        with kv_caches(model, len(prompts), batch.idx.size(1), page):
+            return prefill(model, batch, model.default_rule(), chunk)
+
+    logits, ran = run(0)
+    decided = torch.cat([t.sel[t.routable] for t in model.route_trace]) if model.route_trace else None
+    for chunk in (5, 1):
+        chunked, chunked_ran = run(chunk)
+        assert (chunked - logits).abs().max() < TOL
+        assert (ran is None and chunked_ran is None) or torch.equal(ran, chunked_ran)
+    assert generate(model, prompts, 6, page=page, prefill_chunk=4) == generate(model, prompts, 6, page=page)
+    if decided is not None:   # the routers both run and skip (or, under K/V retention, keep and drop)
+        assert decided.any() and not decided.all()

@@ -86,7 +86,7 @@ def test_cached_decode_equals_full_forward_under_every_rule(name, kind, policy, 
 def test_zero_routers_run_every_token_in_every_path(route):
     """Zero-initialised routers give p = 0.5 exactly, and a tie at the threshold runs (as
     top-k keeps ties): the full forward, ragged cached decode and batch-1 decode (whose
-    decision Block.route_one takes on the host) all run every token and give the dense
+    decision batch-1 decode takes on the host) all run every token and give the dense
     model's logits. A tie that skips drops whole branches: the logits move by >= 7e-2."""
     model = routed_tiny(route, scale=0.0, kv_policy="window" if route == "kv" else "drop", kv_window=4)
     dense = methods.activate(model, "none")
@@ -418,7 +418,7 @@ def test_mod_topk_routes_exactly_topk_at_original_positions():
 def test_dlo_gate_scales_the_selected_mlp_in_both_paths():
     """DLO (arXiv 2407.11030, eq. 3), its router reading the block input x: a token that runs
     the MLP gets h + g(p) mlp(h), g(p) = 1 + gap (p - 0.5), one that skips gets h = x + attn(x);
-    in the batched path and in Block.route_one, which decides one token on the host."""
+    in the batched path and in RoutedBlock.forward_one, which decides one token on the host."""
     model = routed_tiny("mlp", sink_tokens=1)
     block, T, gap = model.layers[2], 12, model.config.route_gap
     x = 0.03 * torch.randn(1, T, 32, generator=torch.Generator().manual_seed(6))   # the residual's scale
