@@ -18,7 +18,9 @@ Sections
 - on CUDA, the Triton kernels against their PyTorch references
 - --long alone: per context, prefill time, decode tokens/s, KV bytes allocated and peak
   memory of the base and routed checkpoints, with the compact cache (cache.py), then
-  Hamlet perplexity in 4,096-token windows and the held-out ShareGPT loss
+  Hamlet perplexity in 4,096-token windows and the held-out ShareGPT loss; the peak
+  memory also from a fresh process per model and batch size (--peak_batches), and the
+  prompt prefilled --prefill_chunk tokens at a time
 The bf16 rows run where --dtype (auto: the hardware computes bf16 natively) says so.
 Transformers is optional (`pip install transformers`); without it its rows are skipped.
 Timings interleave the contenders and keep the best of `--repeats`, since a shared
@@ -28,7 +30,9 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import os
+import resource
 import tempfile
 import time
 
@@ -76,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--labels", default="", help="--long: a name for the base and each checkpoint, comma-separated")
     p.add_argument("--prefill_chunk", type=int, default=0,
                    help="--long: prefill this many tokens at a time (0 = the whole prompt in one forward)")
+    p.add_argument("--peak_batches", type=contexts, default=[1], metavar="B,B,...",
+                   help="--long: batch sizes at which to measure a fresh process's peak memory (e.g. 1,4)")
     args = p.parse_args(argv)
     if args.prefill_chunk < 0:
         p.error(f"--prefill_chunk must be >= 0, got {args.prefill_chunk}")
@@ -270,6 +276,22 @@ def long_decode(model, prompt, new_tokens, prefill_chunk=0):
     return t1 - t0, (new_tokens - 1) / (t2 - t1), kv, peak_rss_mb()
 
 
+def fresh_process_peak(source, prompt, new_tokens, batch, prefill_chunk, device):
+    """Peak resident MB of a fresh process that loads this one model and prefills and decodes
+    `batch` copies of the prompt with the compact cache: what a user watching it sees. In
+    the process that holds every model the weights and the earlier runs count too."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(peak_of_one_run, (source, prompt, new_tokens, batch, prefill_chunk, device))
+
+
+def peak_of_one_run(source, prompt, new_tokens, batch, prefill_chunk, device):
+    model = weights.place(weights.from_pretrained(source), device).eval()
+    with torch.no_grad():
+        for _ in generate_stream(model, [prompt] * batch, new_tokens, page=256, prefill_chunk=prefill_chunk):
+            pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KB on Linux
+
+
 @torch.no_grad()
 def windowed_perplexity(model, ids, window=4096):
     """Perplexity over consecutive windows of `window` tokens, each scored on its own, with
@@ -313,7 +335,13 @@ def long_context(args, device):
             prefill, rate, kv, peak = min(x[0] for x in res), max(x[1] for x in res), res[0][2], max(x[3] for x in res)
             rows[name, ctx] = {"prefill_s": prefill, "decode_tok_s": rate, "kv_mb": kv / 2 ** 20, "peak_mb": peak}
             print(f"{name:>24} @ {ctx:5d}: prefill {prefill:7.2f} s, decode {rate:6.2f} tok/s, "
-                  f"KV {kv / 2 ** 20:8.1f} MB, peak {peak:7.0f} MB", flush=True)
+                  f"KV {kv / 2 ** 20:8.1f} MB, peak {peak:7.0f} MB in this process", flush=True)
+        for name, path in zip(names, paths):
+            for batch in args.peak_batches:
+                peak = fresh_process_peak(path or args.init_from, text[:ctx - args.new_tokens], args.new_tokens, batch,
+                                          args.prefill_chunk, device)
+                rows[name, ctx][f"fresh_peak_mb_b{batch}"] = peak
+                print(f"{name:>24} @ {ctx:5d}: batch {batch}, peak {peak:7.0f} MB in a fresh process", flush=True)
     hamlet = tok.encode(shakespeare_text("hamlet"))
     quality = {}
     for name, path, model in zip(names, paths, models):
@@ -328,13 +356,15 @@ def long_context(args, device):
             q.update(val_loss=result["val_loss"], attn_run=result["attn_frac_infer"] * model.config.n_layer)
         quality[name] = q
         print(f"{name:>24}: " + ", ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
-    lines = ["| method | context | KV MB | decode tok/s | prefill s | held-out loss | Hamlet ppl |",
-             "|---|---|---|---|---|---|---|"]
+    peaks = [f"fresh_peak_mb_b{b}" for b in args.peak_batches]
+    lines = ["| method | context | KV MB | decode tok/s | prefill s | " + " | ".join(
+        f"peak MB, batch {b}" for b in args.peak_batches) + " | held-out loss | Hamlet ppl |",
+             "|---" * (7 + len(peaks)) + "|"]
     for (name, ctx), r in rows.items():
         q = quality[name]
         loss = f"{q['val_loss']:.4f}" if "val_loss" in q else "-"
-        lines.append(f"| {name} | {ctx} | {r['kv_mb']:.1f} | {r['decode_tok_s']:.2f} | {r['prefill_s']:.2f} | {loss} "
-                     f"| {q['hamlet_ppl']:.3f} |")
+        lines.append(f"| {name} | {ctx} | {r['kv_mb']:.1f} | {r['decode_tok_s']:.2f} | {r['prefill_s']:.2f} | "
+                     + " | ".join(f"{r[k]:,.0f}" for k in peaks) + f" | {loss} | {q['hamlet_ppl']:.3f} |")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

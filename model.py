@@ -8,9 +8,9 @@ The dense Llama that DLO grows and routes, nanoGPT-style: one file, torch only.
   plus a `valid` flag per slot, so padding is never attended to
 - no attention mask where a causal one is exact; the LM head runs only where a target is
 - FLOP and KV-byte estimators
-- extension points for the routed model (dlo.py) and the other methods: GPT.make_block
-  (which block each layer is), GPT.context (what every block of a pass is told),
-  GPT.embed and Attention.mask
+- what the routed model (dlo.py) and the other methods extend: GPT.make_block (which
+  block each layer is), GPT.context (what every block of a pass is told), GPT.embed and
+  GPT.new_cache; a block returns its output and what its routers did
 """
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -148,9 +148,6 @@ class Attention(nn.Module):
             return Keys(k, v, write, torch.arange(k.size(2), device=k.device))
         return self.kv_cache.update(input_pos, k, v, write)
 
-    def mask(self, q_slot, keys):
-        return causal_mask(q_slot, keys)
-
     def forward(self, x, rope, input_pos, write, causal_only):
         """write (B, T): which tokens of x store K/V that others may attend to.
         causal_only: no cache and every real key precedes the padding, so a causal mask
@@ -161,7 +158,7 @@ class Attention(nn.Module):
         keys = self.store(self.heads(k, self.n_kv_head, rope), self.heads(v, self.n_kv_head), input_pos, write)
         mask = None
         if not causal_only:
-            mask = self.mask((torch.arange(T, device=x.device) if input_pos is None else input_pos)[None], keys)
+            mask = causal_mask((torch.arange(T, device=x.device) if input_pos is None else input_pos)[None], keys)
         return self.o_proj(attend(q, keys.k, keys.v, mask).transpose(1, 2).reshape(B, T, -1))
 
 

@@ -72,10 +72,6 @@ class Rule:
         """Decides each token alone, so batch-1 decode may decide on the host."""
         return self.kind in ("threshold", "all")
 
-    @property
-    def reads_router(self):
-        return self.kind != "all"
-
     def choose(self, logit, routable, slot):
         """The routable tokens (B, T) that run the routed part numbered `slot`."""
         if self.kind == "all":
@@ -102,6 +98,7 @@ class Trace:
     @property
     def p(self):
         return torch.sigmoid(self.logit)
+
 
 # ---- selection rules -----------------------------------------------------------------
 

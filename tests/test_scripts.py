@@ -80,7 +80,8 @@ def test_bench_runs_on_a_tiny_model(in_workdir):
 @pytest.mark.slow
 def test_bench_long_context_table(in_workdir, monkeypatch, capsys):
     """bench.py --long at contexts of 48 and 300 tokens (one and two pages of the compact
-    cache's 256): prefill time, decode rate, KV bytes and peak memory per context, and
+    cache's 256), prefilled 64 tokens at a time: prefill time, decode rate, KV bytes and
+    peak memory per context (in this process, and in a fresh process per batch size), and
     Hamlet's windowed perplexity, into the table and JSON. The plays are cut to their first
     6,000 characters and the windows to 512 tokens, so that the 49,152-entry head runs on
     a few thousand tokens rather than all of Hamlet's 54,000."""
@@ -89,13 +90,16 @@ def test_bench_long_context_table(in_workdir, monkeypatch, capsys):
     monkeypatch.setattr(bench, "windowed_perplexity", lambda model, ids: windowed(model, ids, window=512))
     out = in_workdir / "long.json"
     bench.main(["--long", "48,300", "--init_from", str(in_workdir / "model"), "--new_tokens", "4", "--repeats", "1",
-                "--out", str(out)])
+                "--out", str(out), "--prefill_chunk", "64", "--peak_batches", "1,2"])
     result = json.load(open(out))
     assert [(row["model"], row["context"]) for row in result["rows"]] == [("base", 48), ("base", 300)]
     assert all(row["decode_tok_s"] > 0 and row["prefill_s"] > 0 for row in result["rows"])
     assert result["rows"][1]["kv_mb"] == 2 * result["rows"][0]["kv_mb"] > 0   # two pages of the cache, then one
     assert 1 < result["quality"]["base"]["hamlet_ppl"] < 2 * 49152
-    assert "| base | 300 |" in capsys.readouterr().out
+    for row in result["rows"]:   # a fresh process holds torch and the model: tens of MB at least
+        assert 50 < row["fresh_peak_mb_b1"] <= row["fresh_peak_mb_b2"] * 1.05
+    printed = capsys.readouterr().out
+    assert "| base | 300 |" in printed and "peak MB, batch 2" in printed
 
 
 @pytest.mark.slow
