@@ -159,9 +159,11 @@ class CompactKVCache:
         counts = torch.bincount(b, minlength=self.length.numel())
         if kept is not None and self.kept is None:
             self.kept = torch.ones_like(self.slot, dtype=torch.bool)
-        # evict before growing, and once a page of positions has passed since the last time, so
-        # that after a long prompt the first decode step frees what no later query sees
+        # evict before growing, before a chunk of several tokens per row (a chunked prefill then
+        # holds the window, the kept entries and one chunk), and once a page of positions has
+        # passed since the last time (decode, a token at a time, pays for it once per page)
         if self.kept is not None and slot.numel() and (int((self.length + counts).max()) > self.k.size(2)
+                                                       or int(counts.max()) > 1
                                                        or int(slot.min()) - self.swept >= self.page):
             # the earliest query of this chunk, per row, still sees kv_window positions back
             self.evict(torch.zeros_like(self.length).scatter_reduce_(0, b, slot.long(), "amin", include_self=False))

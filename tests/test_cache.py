@@ -165,3 +165,24 @@ def test_chunked_prefill_equals_one_chunk(kind, policy, page, one_thread):
     assert generate(model, prompts, 6, page=page, prefill_chunk=4) == generate(model, prompts, 6, page=page)
     if decided is not None:   # the routers both run and skip (or, under K/V retention, keep and drop)
         assert decided.any() and not decided.all()
+
+
+def test_chunked_prefill_under_retention_holds_the_window_the_kept_and_one_chunk(one_thread):
+    """K/V retention with the compact cache, a ragged batch prefilled 8 tokens per forward:
+    after every chunk, each layer holds per row at most the tokens its router kept so far,
+    the window and one chunk, since a chunk first evicts what no later query sees."""
+    model = routed("kv", "window")
+    window, chunk = model.config.kv_window, 8
+    prompts = [list(range(3, 43)), list(range(50, 83))]
+    kept = torch.zeros(len(model.layers), len(prompts), dtype=torch.long)
+    held = []
+
+    def check(model, last):
+        for t in model.route_trace:
+            kept[t.layer] += (t.sel & t.valid).sum(1)
+            length = model.layers[t.layer].self_attn.kv_cache.length
+            assert (length <= kept[t.layer] + window + chunk).all(), (t.layer, length, kept[t.layer])
+            held.append(int(length.max()))
+
+    cached_logits(model, prompts, Rule("threshold", 0.5), page=256, split=chunk, step=chunk, on_step=check)
+    assert max(held) < len(prompts[0])   # eviction happened: not every token's K/V is held
