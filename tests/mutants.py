@@ -56,6 +56,7 @@ MUTANTS = [
     Mutant("evict-window-early", "cache.py", "next_slot[:, None] - self.slot < self.window)",
            "next_slot[:, None] - self.slot < self.window - 1)"),
     Mutant("mask-window-off-by-one", "cache.py", "(q - key_slot < window)", "(q - key_slot <= window)"),
+    Mutant("chunk-skips-eviction", "cache.py", "or int(counts.max()) > 1", "or False"),
     # training
     Mutant("capacity-rescale", "schedule.py", 'if self.split == "rescale" or c_bar < float(f.mean()):',
            "if True:"),
@@ -70,6 +71,8 @@ MUTANTS = [
     Mutant("calibration-off-by-one", "evaluate.py", 'return rows[train_config["eval_rows"]:] if',
            'return rows[train_config["eval_rows"] - 1:] if'),
     Mutant("rope-decode-off-by-one", "sample.py", "batch.positions[:, -1:] + 1", "batch.positions[:, -1:] + 2"),
+    Mutant("prefill-chunks-overwrite", "sample.py", "input_pos=torch.arange(P, device=batch.idx.device)[part]",
+           "input_pos=torch.arange(part.stop - part.start, device=batch.idx.device)"),
 ]
 
 
