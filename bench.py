@@ -18,9 +18,10 @@ Sections
 - on CUDA, the Triton kernels against their PyTorch references
 - --long alone: per context, prefill time, decode tokens/s, KV bytes allocated and peak
   memory of the base and routed checkpoints, with the compact cache (cache.py), then
-  Hamlet perplexity in 4,096-token windows and the held-out ShareGPT loss; the peak
-  memory also from a fresh process per model and batch size (--peak_batches), and the
-  prompt prefilled --prefill_chunk tokens at a time
+  Hamlet perplexity in 4,096-token windows and the loss on held-out ShareGPT
+  conversations of 2,048 tokens or more, each whole (--long_convs); the peak memory and
+  the decode rate over the batch also from a fresh process per model and batch size
+  (--peak_batches), and the prompt prefilled --prefill_chunk tokens at a time
 The bf16 rows run where --dtype (auto: the hardware computes bf16 natively) says so.
 Transformers is optional (`pip install transformers`); without it its rows are skipped.
 Timings interleave the contenders and keep the best of `--repeats`, since a shared
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import dlo
+import evaluate
 import kernels
 import weights
 from data import open_split, shakespeare_text
@@ -80,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--labels", default="", help="--long: a name for the base and each checkpoint, comma-separated")
     p.add_argument("--prefill_chunk", type=int, default=0,
                    help="--long: prefill this many tokens at a time (0 = the whole prompt in one forward)")
+    p.add_argument("--long_convs", type=int, default=32,
+                   help="--long: held-out conversations of >= 2,048 tokens to evaluate whole (0: none)")
     p.add_argument("--peak_batches", type=contexts, default=[1], metavar="B,B,...",
                    help="--long: batch sizes at which to measure a fresh process's peak memory (e.g. 1,4)")
     args = p.parse_args(argv)
@@ -277,9 +281,10 @@ def long_decode(model, prompt, new_tokens, prefill_chunk=0):
 
 
 def fresh_process_peak(source, prompt, new_tokens, batch, prefill_chunk, device):
-    """Peak resident MB of a fresh process that loads this one model and prefills and decodes
-    `batch` copies of the prompt with the compact cache: what a user watching it sees. In
-    the process that holds every model the weights and the earlier runs count too."""
+    """(peak resident MB, decode tokens/s over the batch) of a fresh process that loads this
+    one model and prefills and decodes `batch` copies of the prompt with the compact cache:
+    what a user watching it sees. In the process that holds every model the weights and
+    the earlier runs would count too."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(peak_of_one_run, (source, prompt, new_tokens, batch, prefill_chunk, device))
 
@@ -287,9 +292,12 @@ def fresh_process_peak(source, prompt, new_tokens, batch, prefill_chunk, device)
 def peak_of_one_run(source, prompt, new_tokens, batch, prefill_chunk, device):
     model = weights.place(weights.from_pretrained(source), device).eval()
     with torch.no_grad():
-        for _ in generate_stream(model, [prompt] * batch, new_tokens, page=256, prefill_chunk=prefill_chunk):
-            pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KB on Linux
+        for i, _ in enumerate(generate_stream(model, [prompt] * batch, new_tokens, page=256,
+                                              prefill_chunk=prefill_chunk)):
+            if i == 0:
+                t0 = time.perf_counter()
+    rate = batch * (new_tokens - 1) / (time.perf_counter() - t0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rate   # ru_maxrss: KB on Linux
 
 
 @torch.no_grad()
@@ -308,8 +316,7 @@ def windowed_perplexity(model, ids, window=4096):
 def long_context(args, device):
     """Each model at each context: prefill time, decode tokens/s, KV bytes allocated and
     peak memory, side by side (alternating order, best of --repeats); then perplexity on
-    Hamlet in 4,096-token windows and, for checkpoints, the held-out ShareGPT loss."""
-    import evaluate
+    Hamlet in 4,096-token windows and the loss on long held-out conversations (long_quality)."""
     paths = [args.base or None] + [p for p in args.models.split(",") if p.strip()]
     names = [n.strip() for n in args.labels.split(",")] if args.labels else ["base"] + paths[1:]
     if len(names) != len(paths):
@@ -338,38 +345,54 @@ def long_context(args, device):
                   f"KV {kv / 2 ** 20:8.1f} MB, peak {peak:7.0f} MB in this process", flush=True)
         for name, path in zip(names, paths):
             for batch in args.peak_batches:
-                peak = fresh_process_peak(path or args.init_from, text[:ctx - args.new_tokens], args.new_tokens, batch,
-                                          args.prefill_chunk, device)
-                rows[name, ctx][f"fresh_peak_mb_b{batch}"] = peak
-                print(f"{name:>24} @ {ctx:5d}: batch {batch}, peak {peak:7.0f} MB in a fresh process", flush=True)
-    hamlet = tok.encode(shakespeare_text("hamlet"))
-    quality = {}
-    for name, path, model in zip(names, paths, models):
-        q = {"hamlet_ppl": windowed_perplexity(model, hamlet)}
-        if path:
-            ckpt = weights.load_checkpoint(path)
-            c = ckpt.train_config
-            data = evaluate.held_out(c)
-            dtype = weights.pick_dtype(c.get("dtype", "float32"), device)
-            result = evaluate.evaluate(model, data, data.val_rows(c["eval_rows"]), model.default_rule(),
-                                       c["batch_size"], device, dtype)
-            q.update(val_loss=result["val_loss"], attn_run=result["attn_frac_infer"] * model.config.n_layer)
-        quality[name] = q
-        print(f"{name:>24}: " + ", ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
-    peaks = [f"fresh_peak_mb_b{b}" for b in args.peak_batches]
-    lines = ["| method | context | KV MB | decode tok/s | prefill s | " + " | ".join(
-        f"peak MB, batch {b}" for b in args.peak_batches) + " | held-out loss | Hamlet ppl |",
-             "|---" * (7 + len(peaks)) + "|"]
+                peak, rate = fresh_process_peak(path or args.init_from, text[:ctx - args.new_tokens], args.new_tokens,
+                                                batch, args.prefill_chunk, device)
+                rows[name, ctx].update({f"fresh_peak_mb_b{batch}": peak, f"decode_tok_s_b{batch}": rate})
+                print(f"{name:>24} @ {ctx:5d}: batch {batch}, peak {peak:7.0f} MB in a fresh process, "
+                      f"decode {rate:6.2f} tok/s over the batch", flush=True)
+    quality = long_quality(args, names, paths, models, device)
+    batches = [b for b in args.peak_batches if b > 1]
+    head = ([f"peak MB, batch {b}" for b in args.peak_batches] + [f"decode tok/s, batch {b}" for b in batches]
+            + ["long-conversation loss (vs base)", "Hamlet ppl"])
+    lines = ["| method | context | KV MB | decode tok/s | prefill s | " + " | ".join(head) + " |",
+             "|---" * (5 + len(head)) + "|"]
     for (name, ctx), r in rows.items():
         q = quality[name]
-        loss = f"{q['val_loss']:.4f}" if "val_loss" in q else "-"
+        loss = (f"{q['long_loss']:.4f} ({q['long_vs_base']:+.4f} ± {q['long_vs_base_se']:.4f})"
+                if "long_vs_base" in q else f"{q['long_loss']:.4f}" if "long_loss" in q else "-")
         lines.append(f"| {name} | {ctx} | {r['kv_mb']:.1f} | {r['decode_tok_s']:.2f} | {r['prefill_s']:.2f} | "
-                     + " | ".join(f"{r[k]:,.0f}" for k in peaks) + f" | {loss} | {q['hamlet_ppl']:.3f} |")
+                     + " | ".join([f"{r[f'fresh_peak_mb_b{b}']:,.0f}" for b in args.peak_batches]
+                                  + [f"{r[f'decode_tok_s_b{b}']:.2f}" for b in batches])
+                     + f" | {loss} | {q['hamlet_ppl']:.3f} |")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"settings": vars(args), "rows": [{"model": n, "context": c, **r} for (n, c), r in rows.items()],
                    "quality": quality}, f, indent=1)
+
+
+def long_quality(args, names, paths, models, device):
+    """Per model: Hamlet perplexity in 4,096-token windows and, when a checkpoint names its
+    data, the loss on --long_convs held-out conversations of 2,048 tokens or more, each
+    at its full length (evaluate.LongConversations), with the paired difference to the base."""
+    configs = [weights.load_checkpoint(p).train_config for p in paths if p]
+    conversations = None
+    if configs and configs[0] and args.long_convs:
+        conversations = evaluate.LongConversations(configs[0], args.long_convs)
+        print(f"long conversations: {len(conversations.rows)} held out, {conversations.tokens:,} tokens", flush=True)
+    hamlet = load_tokenizer("smollm2").encode(shakespeare_text("hamlet"))
+    quality, results = {}, {}
+    for name, model in zip(names, models):
+        q = {"hamlet_ppl": windowed_perplexity(model, hamlet)}
+        if conversations:
+            results[name] = evaluate.evaluate(model, conversations, conversations.rows, model.default_rule(), 1,
+                                              device, torch.float32)
+            q.update(long_loss=results[name]["val_loss"], long_se=results[name]["val_se"])
+            if name != names[0]:
+                q["long_vs_base"], q["long_vs_base_se"] = evaluate.paired_difference(results[name], results[names[0]])
+        quality[name] = q
+        print(f"{name:>24}: " + ", ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
+    return quality
 
 
 def report(name, value, unit=""):

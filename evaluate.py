@@ -168,6 +168,30 @@ def held_out(train_config, split="val"):
     return open_split(c["dataset"], c["data_dir"], split, c["seq_len"], c.get("max_convs", 0), tokenizer)
 
 
+class LongConversations:
+    """Held-out conversations of at least `min_tokens` tokens, each whole up to `max_tokens`,
+    none of them among the rows the run evaluated or calibrated on: where a K/V window
+    hides keys, which 256-token rows never do. batch() trims the padding past the longest
+    row, so a batch of one runs its own length."""
+
+    def __init__(self, train_config, n, min_tokens=2048, max_tokens=8192):
+        c = train_config
+        short = held_out(c)
+        used = set(short.starts[short.val_rows(c["eval_rows"] + c["calib_rows"])].tolist())
+        self.data = held_out({**c, "seq_len": max_tokens})
+        lengths = self.data.ends - self.data.starts - 1
+        self.rows = [r for r in range(self.data.num_rows)
+                     if lengths[r] >= min_tokens and int(self.data.starts[r]) not in used][:n]
+        if not self.rows:
+            raise ValueError(f"no held-out conversation has {min_tokens} tokens or more")
+        self.tokens = int(lengths[self.rows].sum())
+
+    def batch(self, rows):
+        x, y, valid = self.data.batch(rows)
+        T = int(valid.sum(1).max())
+        return x[:, :T], y[:, :T], valid[:, :T]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on held-out rows; calibrate its routers.")
     p.add_argument("checkpoint", help="a train.py checkpoint (.pt) or its export folder (export.py)")

@@ -51,16 +51,17 @@ import os
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: the references do all the work
-    HAS_TRITON = False
-
 FORCE_TRITON = False   # tests set this to run the kernels on CPU tensors under the interpreter
 # triton.jit picks the interpreter when it decorates, i.e. when this module is imported
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = False
+if torch.cuda.is_available() or INTERPRET:   # elsewhere nothing could run them: not loading Triton saves ~70 MB
+    try:
+        import triton
+        import triton.language as tl
+        HAS_TRITON = True
+    except ImportError:  # CPU-only installs: the references do all the work
+        pass
 INTERPRETER_DTYPES = (torch.float32,)   # the interpreter runs on numpy, which has no bf16
 
 

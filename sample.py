@@ -15,6 +15,7 @@ layers and layer FLOPs saved, and a token x layer picture is written as HTML.
 """
 import argparse
 import dataclasses
+import functools
 import html
 import math
 import os
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 import weights
 from cache import CompactKVCache
 from evaluate import executed_map
+from tuning import decode_choice, onednn
 from weights import pick_device
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
@@ -121,10 +123,13 @@ def decode_one_token(model, token, slot, position, alive, rule):
     return logits[:, -1], ran
 
 
-# gpt-fast's compiled decode step: inductor fuses the per-layer elementwise ops, and on
-# CUDA "reduce-overhead" replays the whole step as one captured graph
-compiled_decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead" if torch.cuda.is_available()
-                                          else None, dynamic=False)
+@functools.cache
+def compiled_decode_one_token():
+    """gpt-fast's compiled decode step: inductor fuses the per-layer elementwise ops, and on
+    CUDA "reduce-overhead" replays the whole step as one captured graph. Made on first use:
+    torch.compile loads the compiler, ~100 MB that a run which never compiles need not hold."""
+    return torch.compile(decode_one_token, mode="reduce-overhead" if torch.cuda.is_available() else None,
+                         dynamic=False)
 
 
 @dataclass
@@ -159,8 +164,8 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
         logits, prompt_ran = prefill(model, batch, rule, prefill_chunk)
         ran, position = (prompt_ran[:, -1] if prompt_ran is not None else None), batch.positions[:, -1:] + 1
         slot = torch.full((1,), P, dtype=torch.long, device=device)
-        decode = compiled_decode_one_token if compiled else decode_one_token
-        cpu_bf16 = device.type == "cpu" and model.embed_tokens.weight.dtype == torch.bfloat16
+        decode = compiled_decode_one_token() if compiled else decode_one_token
+        use_onednn = device.type != "cpu" or decode_choice(model).onednn   # measured, once per process
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             first = step == 0
@@ -168,22 +173,9 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
             done |= torch.isin(token, stop)
             if step == max_new_tokens - 1 or done.all():
                 break
-            with onednn(enabled=not cpu_bf16):
+            with onednn(use_onednn):
                 logits, ran = decode(model, token, slot, position, ~done, rule)
             slot, position = slot + 1, position + 1
-
-
-@contextmanager
-def onednn(enabled):
-    """Switch oneDNN on or off for a block. CPU bf16 decode runs without it: oneDNN's bf16
-    matmul of a single row is slower than ATen's own bf16 GEMV, which makes batch-1 bf16
-    decode 1.6x faster on a 2-core CPU (45.4 against 27.6 tok/s); prefill's many rows keep it."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 @torch.no_grad()
@@ -222,6 +214,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="compile the decode step (the first call compiles)")
     p.add_argument("--prefill_chunk", type=int, default=0,
                    help="prefill the prompt this many tokens at a time: less memory, same tokens (0 = all at once)")
+    p.add_argument("--verbose", action="store_true", help="also print the decode kernel choice measured here (CPU)")
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1 or (args.top_k is not None and args.top_k < 0):
         p.error("--top_p must be in (0, 1] and --top_k >= 0")
@@ -390,6 +383,8 @@ def main(argv=None):
         steps = max(0, len(out) - 1)   # tokens after the first come from decode steps
         print(f"\n--- prefill {len(ids)} tokens in {(t_first or t0) - t0:.2f}s; decode {steps} tokens at "
               f"{steps / decode_s:.1f} tokens/s, {steps * n_bytes / decode_s / 1e9:.2f} GB/s of weights read")
+    if args.verbose and device == "cpu":
+        print(f"--- decode: {decode_choice(model)}, measured on this machine")
     if all_ran:   # FLOPs at the mean context of the last answer
         report_depth(model, all_pieces, all_ran, len(ids) + len(out) // 2, args.depth_out, args.depth_png)
 

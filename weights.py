@@ -371,10 +371,12 @@ def save_checkpoint(path, ckpt):
 
 def read_pt(path):
     """torch.load(weights_only=True): tensors and Python's own types only, so reading a file
-    from elsewhere cannot run code. A file that asks for more is refused, naming what."""
+    from elsewhere cannot run code. A file that asks for more is refused, naming what.
+    mmap: a tensor is read from disk when it is first used, so loading a model for
+    inference never brings the optimizer state (twice the model's bytes) into memory."""
     try:
         with torch.serialization.safe_globals(LEGACY_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise WeightsError(refusal(path)) from None
     except Exception as e:
@@ -429,7 +431,12 @@ def model_from_checkpoint(ckpt, dtype=torch.float32):
     """The exact trained model (depth, routers, thresholds, frozen layers) from the checkpoint
     alone; checkpoints from before q/k/v and gate/up were fused load too."""
     cfg = methods.Config(**ckpt.model_config)
-    return build(cfg, fuse(dict(ckpt.model), cfg.n_layer), "checkpoint").to(dtype).eval()
+    model = build(cfg, fuse(dict(ckpt.model), cfg.n_layer), "checkpoint")
+    # a .pt's tensors are views of the memory-mapped file (read_pt); copies in the process's
+    # own memory let the file be unmapped once the checkpoint is dropped
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.to(dtype, copy=True)
+    return model.eval()
 
 
 def load(source="smollm2", dtype=torch.float32):

@@ -6,6 +6,7 @@ import torch
 
 from conftest import ByteTokenizer, write_sharegpt
 from data import DataError, TokenData, iter_sharegpt, prepare_sharegpt
+from evaluate import LongConversations
 
 
 RECORDS = [
@@ -82,3 +83,32 @@ def test_real_sharegpt_has_17671_complete_records():
     stats = {}
     kept = sum(1 for _ in iter_sharegpt(stats=stats))
     assert stats["records"] == 17671 and stats["truncated_tail"] == 1 and kept == stats["kept"] == 17390
+
+
+def test_long_conversations_are_whole_long_and_unused(tmp_path):
+    """evaluate.LongConversations: held-out conversations of min_tokens or more, each whole up
+    to max_tokens, none of the rows the run evaluated or calibrated on, and batches trimmed
+    to their longest row rather than padded to max_tokens."""
+    records = [{"id": f"c{i}", "conversations": [{"from": "human", "value": "q"},
+                                                  {"from": "gpt", "value": "answer " * (3 + 7 * (i % 9))}]}
+               for i in range(80)]
+    write_sharegpt(tmp_path / "s.json", records, cut=False)
+    prepare_sharegpt(str(tmp_path / "sharegpt"), ByteTokenizer(), val_every=2, path=str(tmp_path / "s.json"))
+    c = {"dataset": "sharegpt", "data_dir": str(tmp_path), "seq_len": 32, "init_from": "smollm2",
+         "eval_rows": 3, "calib_rows": 2}
+    short = TokenData(str(tmp_path / "sharegpt"), "val", 32)
+    every = TokenData(str(tmp_path / "sharegpt"), "val", 10_000)
+    length = dict(zip(every.starts.tolist(), (every.ends - every.starts - 1).tolist()))
+    used = short.starts[:5].tolist()
+    assert any(length[s] >= 200 for s in used)                 # a long one among them, to be left out
+
+    long = LongConversations(c, n=100, min_tokens=200, max_tokens=300)
+    starts = long.data.starts[long.rows].tolist()
+    assert starts and not set(starts) & set(used)
+    assert starts == [s for s in every.starts.tolist() if length[s] >= 200 and s not in used]
+    x, y, valid = long.batch(long.rows[:3])
+    assert valid.sum(1).tolist() == [min(length[s], 300) for s in starts[:3]]
+    assert x.shape == (3, int(valid.sum(1).max())) and long.tokens == sum(min(length[s], 300) for s in starts)
+    assert len(LongConversations(c, n=2, min_tokens=200, max_tokens=300).rows) == 2
+    with pytest.raises(ValueError, match="10000 tokens or more"):
+        LongConversations(c, n=5, min_tokens=10_000)
