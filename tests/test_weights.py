@@ -1,4 +1,5 @@
 """Weight loading and export: HF folders (Llama, GPT-2), GGUF un-permutation, bad files."""
+import dataclasses
 import json
 import os
 
@@ -254,3 +255,29 @@ def test_cpu_layout_keeps_values_ties_and_gradients(tmp_path):
     torch.testing.assert_close(weights.load_hf(str(tmp_path))(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-6)
     bf16 = weights.place(tiny_model().to(torch.bfloat16), "cpu")
     assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_loading_a_checkpoint_leaves_its_optimizer_state_on_disk(tmp_path):
+    """A .pt is memory-mapped: building the model for inference reads its weights and never
+    its optimizer state (here 256 MB, twenty times the model), and the model owns its
+    tensors, so it outlives the checkpoint and its file. Measured in a fresh process."""
+    import subprocess
+    import sys
+    model = tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = {"state": {0: {"exp_avg": torch.ones(32 * 2 ** 20), "exp_avg_sq": torch.ones(32 * 2 ** 20)}}}
+    path = str(tmp_path / "ckpt.pt")
+    weights.save_checkpoint(path, weights.Checkpoint(model=state, model_config=dataclasses.asdict(model.config),
+                                                     optimizer=optimizer))
+    probe = ("import sys, torch, weights\n"
+             "def rss(): return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) // 1024\n"
+             "before = rss()\n"
+             "model = weights.model_from_checkpoint(weights.load_checkpoint(sys.argv[1]))\n"
+             "import os; os.remove(sys.argv[1])\n"
+             "x = torch.tensor([[1, 2, 3]]); print(rss() - before, float(model(x)[0].sum()))\n")
+    r = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    grew_mb, logit_sum = r.stdout.split()
+    assert int(grew_mb) < 100, f"loading grew the process by {grew_mb} MB: the optimizer state was read in"
+    assert float(logit_sum) == pytest.approx(float(model(torch.tensor([[1, 2, 3]]))[0].sum()), rel=1e-5)
