@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import dlo
 import evaluate
 import kernels
+import tuning
 import weights
 from data import open_split, shakespeare_text
 from router import Rule
@@ -151,6 +152,27 @@ def as_transformers(model, dtype=torch.float32):
     with tempfile.TemporaryDirectory() as d:
         weights.save_hf(model, d)
         return AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(model.embed_tokens.weight.device)
+
+
+def hf_version():
+    try:
+        import transformers
+        return transformers.__version__
+    except ImportError:
+        return None
+
+
+def decode_against_ceiling(name, model, rate, device, out):
+    """Print a decode rate as tok/s, the GB/s of weights it reads and the % of this machine's
+    ceiling for the dtype (tuning.ceiling_gbps), with the oneDNN choice decode made here."""
+    gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    line = f"tok/s ({rate * gb:.1f} GB/s"
+    if device == "cpu":
+        ceiling, choice = tuning.ceiling_gbps(model.embed_tokens.weight.dtype), tuning.decode_choice(model)
+        out[f"ceiling_gbps_{name}"], out[f"decode_choice_{name}"] = ceiling, {"onednn": choice.onednn,
+                                                                               "gbps": choice.gbps}
+        line += f", {100 * rate * gb / ceiling:.0f}% of the {ceiling:.1f} GB/s ceiling; {choice}"
+    return report(f"decode b=1, ours {name}", rate, line + ")")
 
 
 def sft_batch(seq_len=256, rows=4):
@@ -422,26 +444,27 @@ def main(argv=None):
         report("  bf16 / fp32", out["ppl_bf16"] / out["ppl_fp32"])
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
-    gb = sum(p.numel() * p.element_size() for p in base.parameters()) / 1e9
 
     # decode at batch 1; "(out, in) layout": the same fp32 model without weights.place's CPU layout
     standard = weights.from_pretrained(args.init_from).to(device).eval()
-    hf = as_transformers(base)
-    contenders = {"fp32": lambda: decode_rate(base, [prompt], args.new_tokens)[1],
-                  "out_in": lambda: decode_rate(standard, [prompt], args.new_tokens)[1]}
-    if with_bf16:
-        contenders["bf16"] = lambda: decode_rate(bf16, [prompt], args.new_tokens)[1]
-    if hf is not None:
-        contenders["hf"] = lambda: hf_decode_rate(hf, prompt, args.new_tokens)
+    ours = {"fp32": base, "bf16": bf16} if with_bf16 else {"fp32": base}
+    hf = {name: as_transformers(base, model.embed_tokens.weight.dtype) for name, model in ours.items()}
+    contenders = {"out_in": lambda: decode_rate(standard, [prompt], args.new_tokens)[1]}
+    for name, model in ours.items():
+        contenders[name] = lambda m=model: decode_rate(m, [prompt], args.new_tokens)[1]
+        if hf[name] is not None:
+            contenders[f"hf_{name}"] = lambda m=hf[name]: hf_decode_rate(m, prompt, args.new_tokens)
     rates = dict(zip(contenders, best_of(args.repeats, *contenders.values())))
-    out["decode_fp32"] = report("decode b=1, ours fp32", rates["fp32"], f"tok/s ({rates['fp32'] * gb:.1f} GB/s)")
+    out["hf_version"] = hf_version()
+    for name, model in ours.items():
+        out[f"decode_{name}"] = decode_against_ceiling(name, model, rates[name], device, out)
+        if hf[name] is not None:
+            out[f"decode_hf_{name}"] = report(f"decode b=1, transformers {out['hf_version']} {name}", rates[f"hf_{name}"],
+                                              "tok/s")
+            out[f"decode_ours_over_hf_{name}"] = report("  ours / transformers", rates[name] / rates[f"hf_{name}"])
     out["decode_fp32_out_in"] = report("decode b=1, ours fp32, (out, in) layout", rates["out_in"], "tok/s")
     if with_bf16:
-        out["decode_bf16"] = report("decode b=1, ours bf16", rates["bf16"], "tok/s")
         report("  bf16 / fp32", rates["bf16"] / rates["fp32"])
-    if hf is not None:
-        out["decode_hf_fp32"] = report("decode b=1, transformers fp32", rates["hf"], "tok/s")
-        out["decode_ours_over_hf"] = report("  ours / transformers", rates["fp32"] / rates["hf"])
     if args.compile:
         t0 = time.perf_counter()
         decode_rate(base, [prompt], 4, compiled=True)
