@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--base", default="", help="--long: the base after the same SFT (.pt); default: --init_from as released")
     p.add_argument("--models", default="", help="--long: routed checkpoints (.pt) to set beside the base")
     p.add_argument("--labels", default="", help="--long: a name for the base and each checkpoint, comma-separated")
-    p.add_argument("--prefill_chunk", type=int, default=0,
+    p.add_argument("--prefill_chunk", type=int, default=512,
                    help="--long: prefill this many tokens at a time (0 = the whole prompt in one forward)")
     p.add_argument("--long_convs", type=int, default=32,
                    help="--long: held-out conversations of >= 2,048 tokens to evaluate whole (0: none)")
@@ -283,8 +283,13 @@ def peak_rss_reset():
 
 
 def peak_rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    """The peak resident MB of this process's memory since it started or peak_rss_reset;
+    without Linux's /proc, the lifetime peak (macOS reports ru_maxrss in bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 @torch.no_grad()
@@ -319,7 +324,9 @@ def peak_of_one_run(source, prompt, new_tokens, batch, prefill_chunk, device):
             if i == 0:
                 t0 = time.perf_counter()
     rate = batch * (new_tokens - 1) / (time.perf_counter() - t0)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rate   # ru_maxrss: KB on Linux
+    # not ru_maxrss: Linux carries it over from the parent through fork and exec, so a child
+    # of a process holding three models would report at least their size
+    return peak_rss_mb(), rate
 
 
 @torch.no_grad()
