@@ -73,6 +73,11 @@ MUTANTS = [
     Mutant("rope-decode-off-by-one", "sample.py", "batch.positions[:, -1:] + 1", "batch.positions[:, -1:] + 2"),
     Mutant("prefill-chunks-overwrite", "sample.py", "input_pos=torch.arange(P, device=batch.idx.device)[part]",
            "input_pos=torch.arange(part.stop - part.start, device=batch.idx.device)"),
+    # loading a .pt: a copied tensor's file pages leave memory; the long held-out conversations
+    # exclude the rows the run evaluated and calibrated on; decode runs under the measured choice
+    Mutant("file-pages-kept", "weights.py", "LIBC.madvise(ctypes.c_void_p(first)", "(lambda *a: 0)(ctypes.c_void_p(first)"),
+    Mutant("long-rows-reused", "evaluate.py", " and int(self.data.starts[r]) not in used]", "]"),
+    Mutant("decode-choice-ignored", "sample.py", "with onednn(use_onednn):", "with onednn(True):"),
 ]
 
 
