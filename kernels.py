@@ -47,6 +47,7 @@ inplace; and skipped tokens cost one read of their row of x and nothing more.
     on the packed (M, C) rows read them once.
 """
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,9 @@ FORCE_TRITON = False   # tests set this to run the kernels on CPU tensors under 
 # triton.jit picks the interpreter when it decorates, i.e. when this module is imported
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = False
-if torch.cuda.is_available() or INTERPRET:   # elsewhere nothing could run them: not loading Triton saves ~70 MB
+# on a CPU, outside the interpreter, nothing runs the kernels: not loading Triton saves ~70 MB
+# (unless the process loaded it already, e.g. to compile them for a GPU it does not have)
+if torch.cuda.is_available() or INTERPRET or "triton" in sys.modules:
     try:
         import triton
         import triton.language as tl
