@@ -4,11 +4,13 @@ Choices that make batch-1 decode fast, measured on the machine at hand, not assu
 Decoding one token multiplies one row by every weight matrix, so it is bound by how fast
 the kernels stream the weights. Which kernel streams them faster differs between CPUs:
 switching oneDNN off for bf16 decode made it much faster on one 2-core CPU and much
-slower on another (a Xeon with AMX), so no CPU's answer is hard-coded. The first decode on a CPU times the model's own decode-shaped linears both ways
-(about half a second, once per process for each set of shapes) and keeps the faster.
-Either choice gives the same tokens: both compute the same matmul, in another order.
+slower on another (a Xeon with AMX), so no CPU's answer is hard-coded. The first decode
+on a CPU times the model's own decode-shaped linears both ways (a fraction of a second,
+once per process for each set of shapes) and keeps the faster. Both compute the same
+matmul, summed in another order (the tests check that greedy tokens do not change).
 bench.py prints the choice and the GB/s of each, beside the machine's ceiling.
 """
+import math
 import time
 from contextlib import contextmanager
 
@@ -25,6 +27,8 @@ class Choice:
         self.onednn, self.gbps = onednn, gbps   # gbps: {True: GB/s with oneDNN, False: without}
 
     def __repr__(self):
+        if math.isnan(self.gbps[True]):
+            return "oneDNN on for batch-1 decode (not measured: the weights fit in the caches)"
         return (f"oneDNN {'on' if self.onednn else 'off'} for batch-1 decode ({self.gbps[True]:.1f} GB/s with it, "
                 f"{self.gbps[False]:.1f} without)")
 
