@@ -466,8 +466,8 @@ def main(argv=None):
     for name, model in ours.items():
         out[f"decode_{name}"] = decode_against_ceiling(name, model, rates[name], device, out)
         if hf[name] is not None:
-            out[f"decode_hf_{name}"] = report(f"decode b=1, transformers {out['hf_version']} {name}", rates[f"hf_{name}"],
-                                              "tok/s")
+            out[f"decode_hf_{name}"] = report(f"decode b=1, transformers {out['hf_version']} {name}",
+                                              rates[f"hf_{name}"], "tok/s")
             out[f"decode_ours_over_hf_{name}"] = report("  ours / transformers", rates[name] / rates[f"hf_{name}"])
     out["decode_fp32_out_in"] = report("decode b=1, ours fp32, (out, in) layout", rates["out_in"], "tok/s")
     if with_bf16:

@@ -446,8 +446,9 @@ def release_file_pages(tensor):
     """Drop from memory the pages of `tensor` that a file mapping holds (Linux). A read file
     page stays resident until the whole file is unmapped, so without this a model read from
     a memory-mapped .pt peaks at twice its size while it is copied out (SmolLM2 in fp32,
-    process peak while loading: 1,396 MB without, 994 MB with). Only whole pages inside the tensor and inside a
-    mapping of a file are dropped: clean copies of the file, read again if ever touched."""
+    process peak while loading: 1,396 MB without, 994 MB with). Only whole pages inside the
+    tensor and inside a mapping of a file are dropped: clean copies of the file, read again
+    if ever touched."""
     if LIBC is None or tensor.numel() == 0:
         return
     start = tensor.data_ptr()

@@ -155,7 +155,8 @@ def test_decode_choice_is_measured_once_and_changes_no_token(monkeypatch):
     model = tiny_model(seed=3).eval()
     assert tuning.decode_choice(model).onednn and not tuning.CHOICES       # under 16 MB: not measured
     choice = tuning.decode_choice(model, seconds=0.01, min_mbytes=0)
-    assert all(0 < g < 10_000 for g in choice.gbps.values()) and choice.onednn == (choice.gbps[True] >= choice.gbps[False])
+    assert all(0 < g < 10_000 for g in choice.gbps.values())
+    assert choice.onednn == (choice.gbps[True] >= choice.gbps[False])
     assert tuning.decode_choice(model, min_mbytes=0) is choice and len(tuning.CHOICES) == 1
     prompt = [[5, 9, 2, 7, 1]]
     tokens = {}
