@@ -47,7 +47,7 @@ import tuning
 import weights
 from data import open_split, shakespeare_text
 from router import Rule
-from sample import generate_stream
+from sample import generate_stream, kv_caches
 from tokenizer import load_tokenizer
 from train import TrainConfig, micro_loss
 from weights import autocast, pick_device, pick_dtype
@@ -330,16 +330,45 @@ def peak_of_one_run(source, prompt, new_tokens, batch, prefill_chunk, device):
 
 
 @torch.no_grad()
-def windowed_perplexity(model, ids, window=4096):
-    """Perplexity over consecutive windows of `window` tokens, each scored on its own, with
-    the model's own routing rule."""
+def cached_loss(model, idx, targets, chunk=256, page=256):
+    """Summed loss of one row idx (1, T) against targets (1, T) (-1: no target), read the
+    way generation reads a long prompt: `chunk` tokens per forward (0: all) through the
+    compact KV cache. The same loss as one forward (tested), but under K/V retention each chunk
+    attends only to the kept entries and the window, and one chunk's activations are
+    alive at a time, so an 8,192-token conversation costs what its prefill costs."""
+    T, total = idx.size(1), 0.0
+    chunk = chunk or T
+    with kv_caches(model, 1, T, page):
+        for start in range(0, T, chunk):
+            part = slice(start, min(T, start + chunk))
+            _, loss = model(idx[:, part], targets[:, part], input_pos=torch.arange(T, device=idx.device)[part],
+                            rule=model.default_rule(), reduction="sum")
+            total += float(loss)
+    return total
+
+
+def windowed_perplexity(model, ids, window=4096, chunk=256):
+    """Perplexity over consecutive windows of `window` tokens, each scored on its own (in
+    chunks through the cache: cached_loss), with the model's own routing rule."""
     device = model.embed_tokens.weight.device
     total, n = 0.0, 0
     for s in range(0, len(ids) - window, window):
-        chunk = torch.tensor([ids[s:s + window + 1]], device=device)
-        _, loss = model(chunk[:, :-1], chunk[:, 1:], reduction="sum")
-        total, n = total + float(loss), n + window
+        row = torch.tensor([ids[s:s + window + 1]], device=device)
+        total, n = total + cached_loss(model, row[:, :-1], row[:, 1:], chunk), n + window
     return math.exp(total / n)
+
+
+def long_conversation_losses(model, conversations, chunk=256):
+    """Per held-out long conversation, its summed loss and its target count (cached_loss),
+    in the form evaluate.row_stats and evaluate.paired_difference take."""
+    sums, counts = [], []
+    device = model.embed_tokens.weight.device
+    for r in conversations.rows:
+        x, y, _ = (t.to(device) for t in conversations.batch([r]))
+        sums.append(cached_loss(model, x, y, chunk))
+        counts.append(int((y != -1).sum()))
+    loss, se = evaluate.row_stats(sums, counts)
+    return {"val_loss": loss, "val_se": se, "row_sums": sums, "row_counts": counts}
 
 
 def long_context(args, device):
@@ -379,7 +408,7 @@ def long_context(args, device):
                 rows[name, ctx].update({f"fresh_peak_mb_b{batch}": peak, f"decode_tok_s_b{batch}": rate})
                 print(f"{name:>24} @ {ctx:5d}: batch {batch}, peak {peak:7.0f} MB in a fresh process, "
                       f"decode {rate:6.2f} tok/s over the batch", flush=True)
-    quality = long_quality(args, names, paths, models, device)
+    quality = long_quality(args, names, paths, models)
     batches = [b for b in args.peak_batches if b > 1]
     head = ([f"peak MB, batch {b}" for b in args.peak_batches] + [f"decode tok/s, batch {b}" for b in batches]
             + ["long-conversation loss (vs base)", "Hamlet ppl"])
@@ -400,7 +429,7 @@ def long_context(args, device):
                    "quality": quality}, f, indent=1)
 
 
-def long_quality(args, names, paths, models, device):
+def long_quality(args, names, paths, models):
     """Per model: Hamlet perplexity in 4,096-token windows and, when a checkpoint names its
     data, the loss on --long_convs held-out conversations of 2,048 tokens or more, each
     at its full length (evaluate.LongConversations), with the paired difference to the base."""
@@ -412,10 +441,9 @@ def long_quality(args, names, paths, models, device):
     hamlet = load_tokenizer("smollm2").encode(shakespeare_text("hamlet"))
     quality, results = {}, {}
     for name, model in zip(names, models):
-        q = {"hamlet_ppl": windowed_perplexity(model, hamlet)}
+        q = {"hamlet_ppl": windowed_perplexity(model, hamlet, chunk=args.prefill_chunk)}
         if conversations:
-            results[name] = evaluate.evaluate(model, conversations, conversations.rows, model.default_rule(), 1,
-                                              device, torch.float32)
+            results[name] = long_conversation_losses(model, conversations, args.prefill_chunk)
             q.update(long_loss=results[name]["val_loss"], long_se=results[name]["val_se"])
             if name != names[0]:
                 q["long_vs_base"], q["long_vs_base_se"] = evaluate.paired_difference(results[name], results[names[0]])

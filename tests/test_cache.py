@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import bench
 from conftest import (KIND_POLICIES, TOL, assert_decode_equals_full_forward, cached_logits, full_decisions,
                       full_logits, routed, routed_tiny, tiny_model)
 from router import Rule
@@ -186,3 +187,21 @@ def test_chunked_prefill_under_retention_holds_the_window_the_kept_and_one_chunk
 
     cached_logits(model, prompts, Rule("threshold", 0.5), page=256, split=chunk, step=chunk, on_step=check)
     assert max(held) < len(prompts[0])   # eviction happened: not every token's K/V is held
+
+
+@pytest.mark.parametrize("kind,policy", [("dense", "compute")] + KIND_POLICIES)
+def test_cached_loss_equals_the_full_forward_loss(kind, policy):
+    """bench.cached_loss, the way long conversations and Hamlet are scored: a 40-token row
+    with targets on some positions only, read 7 tokens per forward (then all at once)
+    through the compact cache, sums the same loss as one uncached forward, for every
+    routed kind under every K/V policy (under "window" the chunks evict as they go)."""
+    model = tiny_model() if kind == "dense" else routed(kind, policy)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 97, (1, 40), generator=g)
+    targets = torch.randint(0, 97, (1, 40), generator=g)
+    targets[:, :9] = -1                                  # the user's turn: no target
+    with torch.no_grad():
+        _, want = model(idx, targets, rule=model.default_rule(), reduction="sum")
+    for chunk in (7, 0):
+        got = bench.cached_loss(model, idx, targets, chunk=chunk, page=4)
+        assert abs(got - float(want)) < TOL * float(want), (chunk, got, float(want))   # relative

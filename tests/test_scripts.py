@@ -88,7 +88,8 @@ def test_bench_long_context_table(in_workdir, monkeypatch, capsys):
     a few thousand tokens rather than all of Hamlet's 54,000."""
     text, windowed = bench.shakespeare_text, bench.windowed_perplexity
     monkeypatch.setattr(bench, "shakespeare_text", lambda play: text(play)[:6000])
-    monkeypatch.setattr(bench, "windowed_perplexity", lambda model, ids: windowed(model, ids, window=512))
+    monkeypatch.setattr(bench, "windowed_perplexity",
+                        lambda model, ids, chunk: windowed(model, ids, window=512, chunk=chunk))
     out = in_workdir / "long.json"
     ballast = torch.ones(256 * 2 ** 20)   # 1 GB held here: a fresh process must not count it
     bench.main(["--long", "48,300", "--init_from", str(in_workdir / "model"), "--new_tokens", "4", "--repeats", "1",
