@@ -78,6 +78,8 @@ MUTANTS = [
     Mutant("file-pages-kept", "weights.py", "LIBC.madvise(ctypes.c_void_p(first)", "(lambda *a: 0)(ctypes.c_void_p(first)"),
     Mutant("long-rows-reused", "evaluate.py", " and int(self.data.starts[r]) not in used]", "]"),
     Mutant("decode-choice-ignored", "sample.py", "with onednn(use_onednn):", "with onednn(True):"),
+    Mutant("scored-chunks-overwrite", "bench.py", "input_pos=torch.arange(T, device=idx.device)[part]",
+           "input_pos=torch.arange(part.stop - part.start, device=idx.device)"),
 ]
 
 
