@@ -175,17 +175,18 @@ def test_torchrun_two_ranks_match_one_process(setup, single, mode):
     # All 8 optimizer steps (3 after the warm-up at full capacity, 5 while it anneals and
     # skips): the ranks differ from the one process only in the order the gradients are
     # summed (two partial sums all-reduced), which moves the weights in the last bits;
-    # measured, loss and router loss then differ by at most 2e-6 and 5e-6. The capacities
+    # measured, loss and router loss then differ by at most 2e-6 and 5e-6 on a CPU without
+    # AVX512-BF16, and the router loss by 1.3e-5 on one with it (hence 3e-5). The capacities
     # follow an average of label fractions, and the cos-global cut is a quantile over
     # near-tied similarities: from step 4 (where it first skips) a token at the cut may flip,
     # one of ~250 routable tokens through the average's weight 0.1, ~3e-4 of a capacity,
-    # where DDP measures 1e-9 and FSDP 2.5e-4. Its router loss moves by ~5e-6 only because
+    # where DDP measures 1e-9 and FSDP 2.5e-4. Its router loss moves by ~1e-5 only because
     # such a token's p is within ~1e-3 of 0.5. The gradients' scale over ranks and
     # micro-batches, which AdamW and clipping would hide in these losses, is pinned by
     # test_train.py::test_gradient_reduction_scale_over_ranks_and_micro_batches.
     for g, w in zip(got, want):
         assert abs(g["loss"] - w["loss"]) < 1e-5, (g, w)
-        assert abs(g["router_loss"] - w["router_loss"]) < 1e-5, (g, w)
+        assert abs(g["router_loss"] - w["router_loss"]) < 3e-5, (g, w)
         assert g["caps"] == pytest.approx(w["caps"], abs=1e-6 if g["step"] <= 4 else 1e-3)
     a = weights.from_pretrained(str(out / "ckpt.pt"))
     b = weights.from_pretrained(str(single / "ckpt.pt"))
