@@ -211,13 +211,18 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # built on the meta device (weights.build), the loaded tensors are assigned after: no
+        # init, as torch initializes meta tensors through its compiler (~150 MB resident)
+        meta = torch.empty(0).is_meta
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.n_embd) if meta else None)
         self.layers = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.apply(self._init_weights)
+        if not meta:
+            self.apply(self._init_weights)
         self.route_trace = []   # what each routed part did in the last forward (dlo.py)
 
     def make_block(self, cfg, i):

@@ -37,6 +37,22 @@ def test_expanded_routed_model_round_trips(tmp_path):
     assert again.config == model.config and same_logits(model, again)
 
 
+def test_loading_leaves_torchs_compiler_unloaded(tmp_path):
+    """weights.build makes the model on the meta device and assigns the loaded tensors.
+    Initializing meta tensors would import torch._dynamo, ~150 MB resident in every
+    process that only loads and samples."""
+    import subprocess
+    import sys
+    model = methods.activate(growth.expand(tiny_model(), "interleave", n_new=2, init="copy"), "mlp")
+    weights.save_hf(model, tmp_path)
+    probe = ("import sys, weights; weights.load_hf(sys.argv[1]); "
+             "assert 'torch._dynamo' not in sys.modules, 'loading imported torch._dynamo'")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def hf_llama_folder(model, folder):
     """A folder written the way HF transformers writes Llama (no nanodlo key): separate
     q/k/v and gate/up matrices, split here by hand from our fused ones."""
