@@ -6,6 +6,7 @@ short, moves the logits by ~1e-1 (conftest.routed_tiny). A window one position l
 the logits alone (the mask still hides the extra entry), so the live entries are checked
 one by one."""
 import math
+import os
 
 import pytest
 import torch
@@ -205,3 +206,29 @@ def test_cached_loss_equals_the_full_forward_loss(kind, policy):
     for chunk in (7, 0):
         got = bench.cached_loss(model, idx, targets, chunk=chunk, page=4)
         assert abs(got - float(want)) < TOL * float(want), (chunk, got, float(want))   # relative
+
+
+def test_freed_cache_blocks_go_back_to_the_os(tmp_path):
+    """A cache that grows a page at a time frees blocks of every size. After
+    cache.return_large_frees_to_the_os, freeing them lowers the resident memory again,
+    even with small blocks still alive between them (glibc's default keeps such holes)."""
+    import subprocess
+    import sys
+    probe = ("import sys, torch, cache\n"
+             "def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) // 1024\n"
+             "if sys.argv[1] == 'ours': cache.return_large_frees_to_the_os()\n"
+             "torch.ones(2 ** 22)   # a freed 16 MB block: glibc's default threshold rises to it\n"
+             "before = rss()\n"
+             "big, small = [], []\n"
+             "for i in range(24):   # 8 MB blocks, each followed by a 256 KB one that stays\n"
+             "    big.append(torch.ones(2 ** 21)); small.append(torch.ones(2 ** 16))\n"
+             "del big\n"
+             "print(rss() - before)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    left = {}
+    for mode in ("ours", "default"):
+        r = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=120, cwd=root)
+        assert r.returncode == 0, r.stderr[-2000:]
+        left[mode] = int(r.stdout.split()[-1])
+    assert left["ours"] < 24, left           # of 192 MB freed, under a MB per block stays resident
+    assert left["default"] > 96, left        # the probe does make holes that the default keeps
