@@ -209,14 +209,18 @@ def test_cached_loss_equals_the_full_forward_loss(kind, policy):
 
 
 def test_freed_cache_blocks_go_back_to_the_os(tmp_path):
-    """A cache that grows a page at a time frees blocks of every size. After
-    cache.return_large_frees_to_the_os, freeing them lowers the resident memory again,
-    even with small blocks still alive between them (glibc's default keeps such holes)."""
+    """A cache that grows a page at a time frees blocks of every size. Once generation has
+    set up the compact cache (cache.return_large_frees_to_the_os), freeing them lowers the
+    resident memory again, even with small blocks still alive between them (glibc's
+    default keeps such holes)."""
     import subprocess
     import sys
-    probe = ("import sys, torch, cache\n"
+    probe = ("import sys, torch, methods, sample\n"
              "def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) // 1024\n"
-             "if sys.argv[1] == 'ours': cache.return_large_frees_to_the_os()\n"
+             "model = methods.build(methods.Config(vocab_size=97, n_layer=1, n_head=2, n_kv_head=1, n_embd=8,\n"
+             "                                     intermediate_size=8, block_size=16))\n"
+             "with sample.kv_caches(model, 1, 16, page=4 if sys.argv[1] == 'ours' else 0):\n"
+             "    pass\n"
              "torch.ones(2 ** 22)   # a freed 16 MB block: glibc's default threshold rises to it\n"
              "before = rss()\n"
              "big, small = [], []\n"
