@@ -26,10 +26,6 @@ import torch
 from model import KVCache, attend
 
 
-M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter
-MMAP_THRESHOLD = 128 * 1024    # bytes: glibc's starting value, kept (return_large_frees_to_the_os)
-
-
 class Keys(NamedTuple):
     """Every key and value a chunk's queries may attend to."""
     k: torch.Tensor       # (B, nkv, S, hs)
@@ -111,20 +107,27 @@ class RoutedKVCache(KVCache):
 
 
 @functools.cache
-def return_large_frees_to_the_os(threshold=MMAP_THRESHOLD):
-    """Have glibc's malloc serve every block of `threshold` bytes or more with a mapping of
-    its own, which free hands back to the OS at once. By default glibc raises that
-    threshold (up to 32 MB) each time it frees a large block, and serves the blocks under
-    it from its heap, where a freed one between live ones stays resident. A cache that
-    grows a page at a time and evicts frees blocks of every size up to tens of MB. Peak
-    resident memory of a batch of 4 prompts of 8,000 tokens, prefilled in chunks of 256
-    (measured): the base 2,725 MB by default, 2,390 MB with this; K/V retention 2,412 and
-    1,854 MB (random routers, window 1,024); with a 4 MB threshold the base 2,501 MB.
-    Elsewhere than glibc: nothing."""
+def glibc():
+    """The C library if it is glibc (it has malloc_trim), else None (macOS, musl)."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):
-        pass
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_freed_blocks():
+    """Hand the pages of freed heap blocks back to the OS (glibc's malloc_trim). glibc
+    raises its mmap threshold to the largest block it has freed (up to 32 MB) and serves
+    the blocks under it from its heap, where a freed one between live ones stays
+    resident. The cache leaves such a hole each time it grows or shrinks, so it calls
+    this then. Fresh processes, the base at 8,000 tokens in chunks of 256: peak
+    1,414-1,438 MB without, 1,336 MB with, at a prefill of 33-36 s against 31 s; a fixed
+    128 KB threshold (every larger block mapped and returned on free) peaked alike but
+    prefilled in 40-44 s, as each fresh mapping is faulted in again."""
+    lib = glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 class CompactKVCache:
@@ -156,6 +159,7 @@ class CompactKVCache:
         self.slot = torch.cat([self.slot, self.slot.new_full((B, grow), -1)], 1)
         if self.kept is not None:
             self.kept = torch.cat([self.kept, self.kept.new_ones(B, grow)], 1)
+        release_freed_blocks()
 
     def evict(self, next_slot):
         """Drop the entries no later query sees: not kept, and kv_window or more positions
@@ -175,6 +179,7 @@ class CompactKVCache:
         if need < self.slot.size(1):   # free the pages no row uses any more
             self.k, self.v = self.k[:, :, :need].clone(), self.v[:, :, :need].clone()
             self.slot, self.kept = self.slot[:, :need].clone(), self.kept[:, :need].clone()
+        release_freed_blocks()
 
     def update_rows(self, b, slot, k, v, kept=None):
         """Append the K/V rows k, v (N, nkv, hs) of tokens (b, slot) (N,), in ascending order;

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import weights
-from cache import CompactKVCache, return_large_frees_to_the_os
+from cache import CompactKVCache
 from evaluate import executed_map
 from tuning import decode_choice, onednn
 from weights import pick_device
@@ -82,8 +82,6 @@ def kv_caches(model, batch_size, max_seq, page=0):
     page > 0: cache.CompactKVCache, which stores only the tokens that ran each attention
     (under "window", evicts those not kept) and grows `page` entries at a time."""
     w, cfg = model.embed_tokens.weight, model.config
-    if page:
-        return_large_frees_to_the_os()
     for layer in model.layers:
         layer.self_attn.kv_cache = (CompactKVCache(batch_size, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device, page,
                                                    cfg.kv_window)

@@ -81,7 +81,7 @@ MUTANTS = [
     Mutant("scored-chunks-overwrite", "bench.py", "input_pos=torch.arange(T, device=idx.device)[part]",
            "input_pos=torch.arange(part.stop - part.start, device=idx.device)"),
     # freed cache blocks back to the OS: without it glibc keeps heap holes resident
-    Mutant("freed-blocks-kept", "sample.py", "        return_large_frees_to_the_os()\n", "        pass\n"),
+    Mutant("freed-blocks-kept", "cache.py", "        lib.malloc_trim(0)", "        pass"),
     # the model built on the meta device is not initialized (that imports torch's compiler)
     Mutant("meta-init", "model.py", "        if not meta:\n            self.apply(self._init_weights)",
            "        self.apply(self._init_weights)"),
