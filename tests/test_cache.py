@@ -219,9 +219,9 @@ def test_freed_cache_blocks_go_back_to_the_os(tmp_path):
              "if sys.argv[1] == 'default': cache.release_freed_blocks = lambda: None\n"
              "torch.ones(2 ** 22)   # a freed 16 MB block: glibc's mmap threshold rises to it\n"
              "before = rss()\n"
-             "c, small = cache.CompactKVCache(1, 1, 64, torch.float32, 'cpu', page=1024), []\n"
-             "for pages in range(1, 25):   # K and V 256 KB a page, each step followed by a 256 KB block\n"
-             "    c.reserve(pages * 1024); c.k.fill_(1); c.v.fill_(1); small.append(torch.ones(2 ** 16))\n"
+             "c, small = cache.CompactKVCache(1, 1, 64, torch.float32, 'cpu', page=4096), []\n"
+             "for pages in range(1, 15):   # K and V 1 MB a page, each step followed by a 256 KB block\n"
+             "    c.reserve(pages * 4096); c.k.fill_(1); c.v.fill_(1); small.append(torch.ones(2 ** 16))\n"
              "print(rss() - before)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     left = {}
@@ -229,5 +229,5 @@ def test_freed_cache_blocks_go_back_to_the_os(tmp_path):
         r = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=120, cwd=root)
         assert r.returncode == 0, r.stderr[-2000:]
         left[mode] = int(r.stdout.split()[-1])
-    assert left["ours"] < 30, left      # the cache (12 MB) and the small blocks (6 MB)
-    assert left["default"] > 60, left   # the probe does leave holes that the default keeps
+    assert left["ours"] < 45, left      # the cache (28 MB) and the small blocks (3.5 MB): 33 measured
+    assert left["default"] > 70, left   # the holes that glibc's default keeps: 103 to 127 measured
