@@ -208,7 +208,7 @@ def test_cached_loss_equals_the_full_forward_loss(kind, policy):
         assert abs(got - float(want)) < TOL * float(want), (chunk, got, float(want))   # relative
 
 
-def test_freed_cache_blocks_go_back_to_the_os(tmp_path):
+def test_freed_cache_blocks_go_back_to_the_os():
     """The compact cache frees a block each time it grows a page, and small blocks stay
     alive between them; it hands their pages back (cache.release_freed_blocks), so the
     process holds about the cache, not every size it has had (glibc's default keeps them)."""
