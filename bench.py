@@ -5,6 +5,7 @@ dense models, measured side by side in one run: every ratio comes from one proce
     python bench.py                    # decode, training step, perplexity (README: minutes per CPU kind)
     python bench.py --dtype float32    # no bf16 rows: what a CPU without native bf16 runs
     python bench.py --compile          # + the compiled decode step, and its compile time
+    python bench.py --compile --routed out/compare/dlo-fast/ckpt.pt   # + a routed model, eager and compiled
     python bench.py --long 1024,2048,4096,8192 --base out/base/ckpt.pt --models out/a/ckpt.pt --labels base,a
 
 Sections
@@ -70,7 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt_len", type=int, default=128, help="prompt tokens per row")
     p.add_argument("--new_tokens", type=int, default=48, help="decoded tokens per row")
     p.add_argument("--repeats", type=int, default=5, help="best of this many runs")
-    p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
+    p.add_argument("--compile", action="store_true", help="also time the compiled decode step (decode.py)")
+    p.add_argument("--routed", default="", help="--compile: a routed checkpoint (.pt) to time eager and compiled "
+                                                "beside the base")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="bf16 rows too? auto: where the hardware computes bf16 natively (train.py's rule)")
@@ -173,6 +176,37 @@ def decode_against_ceiling(name, model, rate, device, out):
                                                                                "gbps": choice.gbps}
         line += f", {100 * rate * gb / ceiling:.0f}% of the {ceiling:.1f} GB/s ceiling; {choice}"
     return report(f"decode b=1, ours {name}", rate, line + ")")
+
+
+def compiled_decode(args, base, ours, prompt, device, out):
+    """--compile: each model's decode step compiled (decode.py) against its eager decode, in
+    one interleaved best-of: ours fp32 (and bf16), and with --routed a routed checkpoint in
+    fp32, whose speed over the base's, eager and compiled, says whether compiling keeps
+    what routing gains. The first call of each compiles, and is timed apart."""
+    models = dict(ours)
+    if args.routed:
+        models["routed"] = weights.place(weights.from_pretrained(args.routed), device).eval()
+    contenders = {}
+    for name, model in models.items():
+        t0 = time.perf_counter()
+        decode_rate(model, [prompt], args.new_tokens, compiled=True)
+        out[f"compile_s_{name}"] = report(f"compiled decode {name}: first call (compiles)", time.perf_counter() - t0, "s")
+        contenders[f"{name}_compiled"] = lambda m=model: decode_rate(m, [prompt], args.new_tokens, compiled=True)[1]
+        contenders[f"{name}_eager"] = lambda m=model: decode_rate(m, [prompt], args.new_tokens)[1]
+    rates = dict(zip(contenders, best_of(args.repeats, *contenders.values())))
+    for name, model in models.items():
+        if name in ours:
+            out[f"decode_compiled_{name}"] = decode_against_ceiling(f"{name} compiled", model,
+                                                                    rates[f"{name}_compiled"], device, out)
+        else:
+            out[f"decode_compiled_{name}"] = report(f"decode b=1, {name} compiled", rates[f"{name}_compiled"], "tok/s")
+            report(f"decode b=1, {name} eager", rates[f"{name}_eager"], "tok/s")
+        out[f"decode_eager_{name}"] = rates[f"{name}_eager"]
+        report(f"  {name}: compiled / eager", rates[f"{name}_compiled"] / rates[f"{name}_eager"])
+    if args.routed:
+        for how in ("eager", "compiled"):
+            out[f"routed_over_base_{how}"] = report(f"  routed / base fp32, {how}",
+                                                    rates[f"routed_{how}"] / rates[f"fp32_{how}"])
 
 
 def sft_batch(seq_len=256, rows=4):
@@ -501,13 +535,7 @@ def main(argv=None):
     if with_bf16:
         report("  bf16 / fp32", rates["bf16"] / rates["fp32"])
     if args.compile:
-        t0 = time.perf_counter()
-        decode_rate(base, [prompt], 4, compiled=True)
-        out["compile_s"] = report("compiled decode: compile time", time.perf_counter() - t0, "s")
-        rate, eager = best_of(args.repeats, lambda: decode_rate(base, [prompt], args.new_tokens, compiled=True)[1],
-                              lambda: decode_rate(base, [prompt], args.new_tokens)[1])
-        out["decode_compiled"] = report("decode b=1, ours fp32 compiled", rate, "tok/s")
-        report("  compiled / eager", rate / eager)
+        compiled_decode(args, base, ours, prompt, device, out)
 
     # one optimizer step at the default SFT shape, in train.py's (out, in) layout; the steps
     # train copies, so `standard` keeps its weights for the dense and DLO rows below

@@ -15,7 +15,6 @@ layers and layer FLOPs saved, and a token x layer picture is written as HTML.
 """
 import argparse
 import dataclasses
-import functools
 import html
 import math
 import os
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 import weights
 from cache import CompactKVCache
+from decode import compiled_step
 from evaluate import executed_map
 from tuning import decode_choice, onednn
 from weights import pick_device
@@ -123,15 +123,6 @@ def decode_one_token(model, token, slot, position, alive, rule):
     return logits[:, -1], ran
 
 
-@functools.cache
-def compiled_decode_one_token():
-    """gpt-fast's compiled decode step: inductor fuses the per-layer elementwise ops, and on
-    CUDA "reduce-overhead" replays the whole step as one captured graph. Made on first use:
-    torch.compile loads the compiler, ~100 MB that a run which never compiles need not hold."""
-    return torch.compile(decode_one_token, mode="reduce-overhead" if torch.cuda.is_available() else None,
-                         dynamic=False)
-
-
 @dataclass
 class Step:
     token: torch.Tensor                          # (B,) the sampled token
@@ -141,12 +132,15 @@ class Step:
     prompt_valid: Optional[torch.Tensor] = None  # (B, P) which prompt positions are real
 
 
+COMPILED_PAGE = 256   # slots; the compiled step is traced once per batch size and cache length
+
+
 @torch.no_grad()
 def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=(),
                     rule=None, generator=None, compiled=False, page=0, prefill_chunk=0):
     """Yields one Step per new token. Prompts of different lengths are left-padded; the
     context check happens here, once, not in every forward. compiled: decode with
-    compiled_decode_one_token (the first call compiles). page > 0: the KV cache that stores
+    decode.compiled_step (the first call compiles). page > 0: the KV cache that stores
     only what ran (cache.py), grown `page` entries at a time. prefill_chunk > 0: the prompt
     goes through in chunks of that many tokens (prefill)."""
     device = model.embed_tokens.weight.device
@@ -160,11 +154,14 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
     rule = rule or model.default_rule()
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    with kv_caches(model, len(prompts), P + max_new_tokens, page):
+    slots = P + max_new_tokens
+    if compiled:   # the static cache in whole pages of slots: one compiled step serves many prompt lengths
+        slots = min(model.config.block_size, math.ceil(slots / COMPILED_PAGE) * COMPILED_PAGE)
+    with kv_caches(model, len(prompts), slots, page):
         logits, prompt_ran = prefill(model, batch, rule, prefill_chunk)
         ran, position = (prompt_ran[:, -1] if prompt_ran is not None else None), batch.positions[:, -1:] + 1
         slot = torch.full((1,), P, dtype=torch.long, device=device)
-        decode = compiled_decode_one_token() if compiled else decode_one_token
+        decode = compiled_step(model, decode_one_token) if compiled else decode_one_token
         use_onednn = device.type != "cpu" or decode_choice(model).onednn   # measured, once per process
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)

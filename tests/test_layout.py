@@ -20,7 +20,7 @@ CORE_BUDGET, FORWARD_BUDGET, FUNCTION_BUDGET, READING_BUDGET = 900, 30, 40, 500
 # lower rank = lower in the house; an import may go to the same rank or lower, never higher
 RANK = {**dict.fromkeys(("model", "kernels", "router", "dlo", "schedule"), 0),
         **dict.fromkeys(("cache", "skipping", "retention", "mod", "controls", "growth", "gpt2", "lesa", "methods",
-                         "tokenizer", "data", "tuning"), 1),
+                         "tokenizer", "data", "tuning", "decode"), 1),
         "weights": 2,
         **dict.fromkeys(("train", "sample", "evaluate", "bench", "compare", "frontier", "lesa_claim", "export"), 3)}
 # DLO's path, in reading order: (file, function or Class.method), as the README lists it

@@ -2,6 +2,7 @@
 long-context table, in-process) on a tiny model with SmolLM2's vocabulary, since it
 tokenizes with SmolLM2's tokenizer, and lesa_claim.py, which runs on SmolLM2 itself;
 each at a few tokens and one round. And bench.py's flag errors, which need no run."""
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import torch
 
 import bench
 import weights
-from conftest import tiny_model, write_sharegpt
+from conftest import routed_tiny, tiny_model, write_sharegpt
 from data import prepare_sharegpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,18 +64,23 @@ def in_workdir(workdir, monkeypatch):
 @pytest.mark.slow
 def test_bench_runs_on_a_tiny_model(in_workdir):
     """Every section of bench.py on CPU in fp32: Hamlet perplexity, batch-1 decode in both
-    weight layouts (and transformers', where installed), the training steps (ours; the
+    weight layouts (and transformers', where installed), compiled and eager decode of the
+    model and of a routed checkpoint (--compile --routed), the training steps (ours; the
     dense and the DLO-routed expansion), and no kernel rows without CUDA. The JSON holds
     a positive, finite number for each. 32 new tokens: transformers' rate is the time of
     32 tokens minus that of 1, which must stand above the timing noise."""
-    out = in_workdir / "bench.json"
+    out, routed = in_workdir / "bench.json", in_workdir / "routed.pt"
+    model = routed_tiny("mlp", base=tiny_model(vocab_size=49152, block_size=2048))
+    weights.save_checkpoint(str(routed), weights.Checkpoint(model=model.state_dict(),
+                                                            model_config=dataclasses.asdict(model.config)))
     bench.main(["--init_from", str(in_workdir / "model"), "--dtype", "float32", "--prompt_len", "8",
-                "--new_tokens", "32", "--repeats", "1", "--out", str(out)])
+                "--new_tokens", "32", "--repeats", "1", "--compile", "--routed", str(routed), "--out", str(out)])
     result = json.load(open(out))
     assert result["dtype"] == "float32" and result["kernel_speedup"] is None
     assert 1 < result["ppl_fp32"] < 2 * 49152   # a random model: about the vocabulary's size
-    numbers = [result["decode_fp32"], result["decode_fp32_out_in"]] + [result["train"][k] for k in
-                                                                       ("ours_float32", "dense40", "dlo40")]
+    numbers = [result[k] for k in ("decode_fp32", "decode_fp32_out_in", "decode_compiled_fp32", "decode_eager_fp32",
+                                   "decode_compiled_routed", "decode_eager_routed", "routed_over_base_compiled")]
+    numbers += [result["train"][k] for k in ("ours_float32", "dense40", "dlo40")]
     assert all(math.isfinite(v) and v > 0 for v in numbers), numbers
 
 

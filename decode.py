@@ -1,0 +1,112 @@
+"""
+The compiled decode step (gpt-fast's): torch.compile over one batch-1 token, for the
+dense model and for DLO's routed one. It sits behind one call in the decode loop
+(sample.generate_stream, compiled=True); the model's own forwards stay the reference it
+is tested against.
+
+- Eager decode runs ~50 small operators per layer, and at SmolLM2's size their dispatch,
+  not the weights' bytes, takes a large share of each token. Inductor fuses the
+  elementwise ones (the norms, RoPE, the cache write, SiLU * up) into a few loops.
+- Eager batch-1 decode decides a routed layer on the host (dlo.RoutedBlock.forward_one:
+  one sync, then the MLP runs or not). Traced as it is, every such decision would break
+  the graph. Under compilation the decision becomes torch.cond here, so the router, the
+  comparison and both branches stay in one graph, and the generated code still runs the
+  MLP only for a token its router selected: skipping still saves the MLP's bytes.
+- The same holds for the other routed kinds at batch 1 (skipping.SkipBlock: attention,
+  attention and MLP apart, whole blocks, under each K/V policy): the K/V a token leaves
+  is written outside the branch, as `write` and `kept` flags, since a branch may not
+  write the cache. Rules that decide for a whole batch (top-k, MoD's predictor) and
+  batches of several rows decide on the host, and run eagerly between the compiled parts.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from cache import key_mask
+from dlo import RoutedBlock
+from model import attend
+from router import Trace, select
+from skipping import PART_SKIPS, SkipBlock
+
+
+def gated(base, gate, y):
+    """base + g * y, the gate (fp32) applied to y in fp32 as eager decode's Python float is."""
+    return base + (gate * y.float()).to(base.dtype)
+
+
+def decision(router, reads, ctx, slot, gate):
+    """The batch-1 decision on the device: (the router's logit (1, 1), run (1, 1): p >= t
+    or a sink, the gate (1, 1, 1))."""
+    logit = router(reads)
+    return logit, select(logit, ctx.routable, ctx.valid, ctx.rule, slot), gate(torch.sigmoid(logit))[..., None]
+
+
+class CondRoutedBlock(RoutedBlock):
+    """dlo.RoutedBlock whose batch-1 decision is a torch.cond while torch.compile traces it;
+    run eagerly, it is the RoutedBlock itself."""
+
+    def forward_one(self, x, h, ctx):
+        if not torch.compiler.is_compiling():
+            return super().forward_one(x, h, ctx)
+        # the router reads the block input (arXiv 2407.11030, section 3.2)
+        logit, sel, gate = decision(self.router, x, ctx, len(ctx.traces), self.gate)
+        out = torch.cond(sel.view(()), lambda h, g: gated(h, g, self.mlp(self.post_attention_layernorm(h))),
+                         lambda h, g: h.clone(), (h, gate))   # a branch may not return its input itself
+        return out, [Trace(self.index, logit, sel, ctx.valid, ctx.routable)]
+
+
+class CondSkipBlock(SkipBlock):
+    """skipping.SkipBlock whose batch-1 decisions are torch.cond while torch.compile traces
+    it; run eagerly, it is the SkipBlock itself."""
+
+    def route_one(self, router, part, reads, base, ctx, slot):
+        if not torch.compiler.is_compiling():
+            return super().route_one(router, part, reads, base, ctx, slot)
+        logit, sel, gate = decision(router, reads, ctx, slot, self.gate)
+        run, trace = sel.view(()), Trace(self.index, logit, sel, ctx.valid, ctx.routable, part=part,
+                                         skips=PART_SKIPS[part])
+        if part == "mlp":
+            out = torch.cond(run, lambda b, g: gated(b, g, self.mlp(self.post_attention_layernorm(b))),
+                             lambda b, g: b.clone(), (base, gate))
+            return out, trace
+        attn, policy = self.self_attn, self.cfg.kv_policy
+        normed, (q_rows, kv_rows) = self.input_layernorm(base), (slice(0, attn.sizes[0]), slice(attn.sizes[0], None))
+        project = lambda n, rows: F.linear(n, attn.qkv_proj.weight[rows],
+                                           None if attn.qkv_proj.bias is None else attn.qkv_proj.bias[rows])
+        zeros = lambda n, rows: n.new_zeros(*n.shape[:-1], attn.qkv_proj.weight[rows].size(0))
+        if policy == "drop":   # a skipped token writes no K/V: none is projected, and its slot stays invalid
+            q, kv = torch.cond(run, lambda n: project(n, slice(None)), lambda n: zeros(n, slice(None)),
+                               (normed,)).split([attn.sizes[0], sum(attn.sizes[1:])], -1)
+        else:                  # every real token writes its K/V; only a query that runs is projected
+            kv = project(normed, kv_rows)
+            q = torch.cond(run, lambda n: project(n, q_rows), lambda n: zeros(n, q_rows), (normed,))
+        k, v = kv.split(attn.sizes[1:], -1)
+        keys = attn.store(attn.heads(k, attn.n_kv_head, ctx.rope), attn.heads(v, attn.n_kv_head), ctx.input_pos,
+                          ctx.valid & sel if policy == "drop" else ctx.valid, sel if policy == "window" else None)
+        mask = key_mask(ctx.input_pos[None], keys, attn.window)
+
+        def branch(b, q, g):
+            y = attn.o_proj(attend(attn.heads(q, attn.n_head, ctx.rope), keys.k, keys.v, mask).transpose(1, 2)
+                            .reshape(*b.shape[:-1], -1))
+            if part == "block":
+                y = y + self.mlp(self.post_attention_layernorm(b + y))
+            return gated(b, g, y)
+
+        return torch.cond(run, branch, lambda b, q, g: b.clone(), (base, q, gate)), trace
+
+
+def compiled_step(model, step):
+    """`step` (sample.decode_one_token) compiled for `model`: each routed block of the built
+    model becomes its Cond class (the same module and weights; its eager forward is
+    unchanged). The first call compiles, once per shape."""
+    for layer in model.layers:
+        layer.__class__ = {RoutedBlock: CondRoutedBlock, SkipBlock: CondSkipBlock}.get(type(layer), type(layer))
+    return compile_once(step)
+
+
+@functools.cache
+def compile_once(step):
+    """On CUDA, "reduce-overhead" replays the whole step as one captured graph. Made on first
+    use: torch.compile loads the compiler, ~100 MB that a run which never compiles need not hold."""
+    return torch.compile(step, mode="reduce-overhead" if torch.cuda.is_available() else None, dynamic=False)
