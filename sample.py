@@ -151,6 +151,8 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
     if P + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
                          f"model's context of {model.config.block_size} tokens")
+    if compiled and page:
+        raise ValueError("a compiled decode step needs the static cache (page=0): the compact one changes shape")
     rule = rule or model.default_rule()
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)

@@ -86,7 +86,7 @@ def test_compiled_routed_step_is_one_graph_that_still_skips(kind, policy, monkey
 def test_generate_compiles_once_for_prompts_of_several_lengths(monkeypatch):
     """sample.generate(compiled=True) rounds the static cache up to whole pages of slots,
     so prompts of 5, 9 and 13 tokens share one compiled step, and each decodes the greedy
-    tokens of eager decode."""
+    tokens of eager decode. With the compact cache, which changes shape, it says so."""
     torch._dynamo.reset()
     decode.compile_once.cache_clear()
     graphs = []
@@ -101,3 +101,5 @@ def test_generate_compiles_once_for_prompts_of_several_lengths(monkeypatch):
         prompt = [list(range(3, 3 + n))]
         assert generate(model, prompt, 6, compiled=True) == generate(model, prompt, 6)
     assert len(graphs) == 1
+    with pytest.raises(ValueError, match="static cache"):
+        generate(model, [[1, 2, 3]], 4, compiled=True, page=4)
