@@ -349,6 +349,8 @@ def main(argv=None):
     tty, what = sys.stdout.isatty(), routed_parts(cfg)
     generator = torch.Generator(device).manual_seed(args.seed)
     all_pieces, all_ran = [], []
+    if args.compile:
+        print("--- the decode step compiles on its first call: the second token waits for it", file=sys.stderr)
     for sample in range(args.num_samples):
         print(f"--- sample {sample + 1}/{args.num_samples}" if args.num_samples > 1 else "---")
         out, t0, t_first = [], time.time(), None
