@@ -35,6 +35,10 @@ def gated(base, gate, y):
     return base + (gate * y.float()).to(base.dtype)
 
 
+def skipped(base, gate):
+    return base.clone()   # a branch may not return its input itself
+
+
 def decision(router, reads, ctx, slot, gate):
     """The batch-1 decision on the device: (the router's logit (1, 1), run (1, 1): p >= t
     or a sink, the gate (1, 1, 1))."""
@@ -51,9 +55,9 @@ class CondRoutedBlock(RoutedBlock):
             return super().forward_one(x, h, ctx)
         # the router reads the block input (arXiv 2407.11030, section 3.2)
         logit, sel, gate = decision(self.router, x, ctx, len(ctx.traces), self.gate)
-        out = torch.cond(sel.view(()), lambda h, g: gated(h, g, self.mlp(self.post_attention_layernorm(h))),
-                         lambda h, g: h.clone(), (h, gate))   # a branch may not return its input itself
-        return out, [Trace(self.index, logit, sel, ctx.valid, ctx.routable)]
+        mlp = lambda h, g: gated(h, g, self.mlp(self.post_attention_layernorm(h)))
+        return torch.cond(sel.view(()), mlp, skipped, (h, gate)), [Trace(self.index, logit, sel, ctx.valid,
+                                                                           ctx.routable)]
 
 
 class CondSkipBlock(SkipBlock):
@@ -64,36 +68,40 @@ class CondSkipBlock(SkipBlock):
         if not torch.compiler.is_compiling():
             return super().route_one(router, part, reads, base, ctx, slot)
         logit, sel, gate = decision(router, reads, ctx, slot, self.gate)
-        run, trace = sel.view(()), Trace(self.index, logit, sel, ctx.valid, ctx.routable, part=part,
-                                         skips=PART_SKIPS[part])
         if part == "mlp":
-            out = torch.cond(run, lambda b, g: gated(b, g, self.mlp(self.post_attention_layernorm(b))),
-                             lambda b, g: b.clone(), (base, gate))
-            return out, trace
-        attn, policy = self.self_attn, self.cfg.kv_policy
-        normed, (q_rows, kv_rows) = self.input_layernorm(base), (slice(0, attn.sizes[0]), slice(attn.sizes[0], None))
-        project = lambda n, rows: F.linear(n, attn.qkv_proj.weight[rows],
-                                           None if attn.qkv_proj.bias is None else attn.qkv_proj.bias[rows])
-        zeros = lambda n, rows: n.new_zeros(*n.shape[:-1], attn.qkv_proj.weight[rows].size(0))
-        if policy == "drop":   # a skipped token writes no K/V: none is projected, and its slot stays invalid
-            q, kv = torch.cond(run, lambda n: project(n, slice(None)), lambda n: zeros(n, slice(None)),
-                               (normed,)).split([attn.sizes[0], sum(attn.sizes[1:])], -1)
+            branch = lambda b, g: gated(b, g, self.mlp(self.post_attention_layernorm(b)))
+        else:
+            branch = self.attention_branch(part, sel, base, ctx)
+        trace = Trace(self.index, logit, sel, ctx.valid, ctx.routable, part=part, skips=PART_SKIPS[part])
+        return torch.cond(sel.view(()), branch, skipped, (base, gate)), trace
+
+    def attention_branch(self, part, sel, base, ctx):
+        """Writes the token's K/V as its policy says, outside any branch (a branch may not
+        write the cache), and returns the branch that runs its query: the attention, and
+        the MLP after it for a whole block."""
+        attn, policy, run = self.self_attn, self.cfg.kv_policy, sel.view(())
+        normed, w, bias, n_q = self.input_layernorm(base), attn.qkv_proj.weight, attn.qkv_proj.bias, attn.sizes[0]
+        project = lambda n, rows: F.linear(n, w[rows], None if bias is None else bias[rows])
+        zeros = lambda n, rows: n.new_zeros(*n.shape[:-1], w[rows].size(0))
+        everything, queries, keys_values = slice(None), slice(0, n_q), slice(n_q, None)
+        if policy == "drop":   # a skipped token writes no K/V: nothing is projected, and its slot stays invalid
+            qkv = torch.cond(run, lambda n: project(n, everything), lambda n: zeros(n, everything), (normed,))
+            q, kv = qkv.split([n_q, w.size(0) - n_q], -1)
         else:                  # every real token writes its K/V; only a query that runs is projected
-            kv = project(normed, kv_rows)
-            q = torch.cond(run, lambda n: project(n, q_rows), lambda n: zeros(n, q_rows), (normed,))
+            kv = project(normed, keys_values)
+            q = torch.cond(run, lambda n: project(n, queries), lambda n: zeros(n, queries), (normed,))
         k, v = kv.split(attn.sizes[1:], -1)
         keys = attn.store(attn.heads(k, attn.n_kv_head, ctx.rope), attn.heads(v, attn.n_kv_head), ctx.input_pos,
                           ctx.valid & sel if policy == "drop" else ctx.valid, sel if policy == "window" else None)
         mask = key_mask(ctx.input_pos[None], keys, attn.window)
 
-        def branch(b, q, g):
-            y = attn.o_proj(attend(attn.heads(q, attn.n_head, ctx.rope), keys.k, keys.v, mask).transpose(1, 2)
-                            .reshape(*b.shape[:-1], -1))
+        def branch(b, g):
+            y = attend(attn.heads(q, attn.n_head, ctx.rope), keys.k, keys.v, mask)             # (1, nh, 1, hs)
+            y = attn.o_proj(y.transpose(1, 2).reshape(*b.shape[:-1], -1))
             if part == "block":
                 y = y + self.mlp(self.post_attention_layernorm(b + y))
             return gated(b, g, y)
-
-        return torch.cond(run, branch, lambda b, q, g: b.clone(), (base, q, gate)), trace
+        return branch
 
 
 def compiled_step(model, step):

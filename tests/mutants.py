@@ -83,8 +83,8 @@ MUTANTS = [
     # freed cache blocks back to the OS: without it glibc keeps heap holes resident
     Mutant("freed-blocks-kept", "cache.py", "        lib.malloc_trim(0)", "        pass"),
     # the compiled decode step: a skipped part's branch, and the K/V a dropped attention leaves
-    Mutant("cond-skip-runs-mlp", "decode.py", "lambda h, g: h.clone(), (h, gate))",
-           "lambda h, g: gated(h, g, self.mlp(self.post_attention_layernorm(h))), (h, gate))"),
+    Mutant("cond-skip-runs-mlp", "decode.py", "torch.cond(sel.view(()), mlp, skipped, (h, gate))",
+           "torch.cond(sel.view(()), mlp, mlp, (h, gate))"),
     Mutant("cond-drop-writes-kv", "decode.py", 'ctx.valid & sel if policy == "drop" else ctx.valid', "ctx.valid"),
     # the model built on the meta device is not initialized (that imports torch's compiler)
     Mutant("meta-init", "model.py", "        if not meta:\n            self.apply(self._init_weights)",
