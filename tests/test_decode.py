@@ -29,6 +29,21 @@ def greedy(model, prompts, steps, step_fn, forced=None):
     return out
 
 
+@pytest.fixture
+def graphs(monkeypatch):
+    """The graphs torch.compile makes from here on, each traced once and run as traced."""
+    torch._dynamo.reset()
+    decode.compile_once.cache_clear()
+    made = []
+
+    def count(gm, example_inputs):
+        made.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize(count)(fn))
+    return made
+
+
 @pytest.mark.parametrize("kind,policy", [("dense", "compute"), ("mlp", "compute"), ("attn", "compute"),
                                          ("attn", "window"), ("attn+mlp", "drop"), ("block", "drop"),
                                          ("kv", "window")])
@@ -56,21 +71,12 @@ def test_compiled_decode_equals_eager(kind, policy):
 
 
 @pytest.mark.parametrize("kind,policy", [("mlp", "compute"), ("attn+mlp", "drop"), ("block", "window")])
-def test_compiled_routed_step_is_one_graph_that_still_skips(kind, policy, monkeypatch):
+def test_compiled_routed_step_is_one_graph_that_still_skips(kind, policy, graphs):
     """A routed model's batch-1 decode step traces as one graph, with no break at its
     routed parts, and compiles once for every token: each decision is a torch.cond, whose
     branch the generated code runs only for a token its router selected, so skipping
     saves work. DLO's MLP routing (dlo.RoutedBlock) and, as config/dlo_fast.json routes,
     attention and MLP apart with no K/V for a skipped token (skipping.SkipBlock)."""
-    torch._dynamo.reset()
-    decode.compile_once.cache_clear()
-    graphs = []
-
-    def count(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize(count)(fn))
     model = routed(kind, policy)
     step = decode.compiled_step(model, decode_one_token)
     assert all(type(layer) in (decode.CondRoutedBlock, decode.CondSkipBlock) for layer in model.layers)
@@ -83,19 +89,10 @@ def test_compiled_routed_step_is_one_graph_that_still_skips(kind, policy, monkey
     assert 0 < int(sel.sum()) < sel.numel()
 
 
-def test_generate_compiles_once_for_prompts_of_several_lengths(monkeypatch):
+def test_generate_compiles_once_for_prompts_of_several_lengths(graphs):
     """sample.generate(compiled=True) rounds the static cache up to whole pages of slots,
     so prompts of 5, 9 and 13 tokens share one compiled step, and each decodes the greedy
     tokens of eager decode. With the compact cache, which changes shape, it says so."""
-    torch._dynamo.reset()
-    decode.compile_once.cache_clear()
-    graphs = []
-
-    def count(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize(count)(fn))
     model = routed("mlp", "compute")
     for n in (5, 9, 13):
         prompt = [list(range(3, 3 + n))]
