@@ -40,10 +40,11 @@ def key_mask(q_slot, keys, window):
     it and, under "window", kept ones or those fewer than `window` positions back. A query
     always sees itself, so a row is never empty (padding, dropped tokens)."""
     key_slot, q = keys.slot.view(-1, 1, keys.slot.size(-1)), q_slot[..., None]
+    # in place, and slots compared as they are: a chunk of a long prompt makes (B, M, S) large
     mask = (key_slot <= q) & keys.valid[:, None, :]
     if keys.kept is not None:
-        mask = mask & (keys.kept[:, None, :] | (q - key_slot < window))
-    return mask | (key_slot == q)
+        mask &= keys.kept[:, None, :] | (key_slot > q - window)
+    return mask.logical_or_(key_slot == q)
 
 
 def attend_rows(q, b, slot, keys, window):
@@ -161,23 +162,29 @@ class CompactKVCache:
             self.kept = torch.cat([self.kept, self.kept.new_ones(B, grow)], 1)
         release_freed_blocks()
 
-    def evict(self, next_slot):
+    def evict(self, next_slot, incoming):
         """Drop the entries no later query sees: not kept, and kv_window or more positions
-        behind next_slot (B,), the earliest query still to come; the rest move to the front,
-        and the pages left empty are freed."""
+        behind next_slot (B,), the earliest query still to come; the rest move to the front.
+        The pages that neither they nor the `incoming` (B,) entries about to be appended
+        need are freed (freeing a page that the append then grows back would copy the
+        whole layer twice)."""
         live = (self.slot >= 0) & (self.kept | (next_slot[:, None] - self.slot < self.window))
         b, j = live.nonzero(as_tuple=True)
         counts = live.sum(1)
         to = torch.arange(j.numel(), device=j.device) - (counts.cumsum(0) - counts)[b]
-        self.k[b, :, to], self.v[b, :, to] = self.k[b, :, j], self.v[b, :, j]
+        moves = to != j   # the entries before a row's first eviction stay put: only the others are copied
+        b, j, to = b[moves], j[moves], to[moves]
+        self.k[b, :, to] = self.k[b, :, j]
+        self.v[b, :, to] = self.v[b, :, j]
         self.slot[b, to], self.kept[b, to] = self.slot[b, j], self.kept[b, j]
         unused = torch.arange(self.slot.size(1), device=j.device)[None] >= counts[:, None]
         self.slot.masked_fill_(unused, -1)
         self.kept.masked_fill_(unused, True)
         self.length = counts
-        need = math.ceil(int(counts.max()) / self.page) * self.page
-        if need < self.slot.size(1):   # free the pages no row uses any more
-            self.k, self.v = self.k[:, :, :need].clone(), self.v[:, :, :need].clone()
+        need = math.ceil(int((counts + incoming).max()) / self.page) * self.page
+        if need < self.slot.size(1):   # free the pages no row uses any more, one buffer at a time
+            self.k = self.k[:, :, :need].clone()
+            self.v = self.v[:, :, :need].clone()
             self.slot, self.kept = self.slot[:, :need].clone(), self.kept[:, :need].clone()
         release_freed_blocks()
 
@@ -194,7 +201,8 @@ class CompactKVCache:
                                                        or int(counts.max()) > 1
                                                        or int(slot.min()) - self.swept >= self.page):
             # the earliest query of this chunk, per row, still sees kv_window positions back
-            self.evict(torch.zeros_like(self.length).scatter_reduce_(0, b, slot.long(), "amin", include_self=False))
+            first = torch.zeros_like(self.length).scatter_reduce_(0, b, slot.long(), "amin", include_self=False)
+            self.evict(first, counts)
             self.swept = int(slot.min())
         within = torch.arange(b.numel(), device=b.device) - (counts.cumsum(0) - counts)[b]
         at = self.length[b] + within

@@ -55,7 +55,7 @@ MUTANTS = [
            "(next_slot[:, None] - self.slot < self.window)"),
     Mutant("evict-window-early", "cache.py", "next_slot[:, None] - self.slot < self.window)",
            "next_slot[:, None] - self.slot < self.window - 1)"),
-    Mutant("mask-window-off-by-one", "cache.py", "(q - key_slot < window)", "(q - key_slot <= window)"),
+    Mutant("mask-window-off-by-one", "cache.py", "(key_slot > q - window)", "(key_slot >= q - window)"),
     Mutant("chunk-skips-eviction", "cache.py", "or int(counts.max()) > 1", "or False"),
     # training
     Mutant("capacity-rescale", "schedule.py", 'if self.split == "rescale" or c_bar < float(f.mean()):',
@@ -82,6 +82,8 @@ MUTANTS = [
            "input_pos=torch.arange(part.stop - part.start, device=idx.device)"),
     # freed cache blocks back to the OS: without it glibc keeps heap holes resident
     Mutant("freed-blocks-kept", "cache.py", "        lib.malloc_trim(0)", "        pass"),
+    # eviction frees the pages the chunk it makes room for then grows back
+    Mutant("evict-frees-incoming", "cache.py", "int((counts + incoming).max())", "int(counts.max())"),
     # the compiled decode step: a skipped part's branch, and the K/V a dropped attention leaves
     Mutant("cond-skip-runs-mlp", "decode.py", "torch.cond(sel.view(()), mlp, skipped, (h, gate))",
            "torch.cond(sel.view(()), mlp, mlp, (h, gate))"),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+from cache import CompactKVCache
 from conftest import (KIND_POLICIES, TOL, assert_decode_equals_full_forward, cached_logits, full_decisions,
                       full_logits, routed, routed_tiny, tiny_model)
 from router import Rule
@@ -231,3 +232,17 @@ def test_freed_cache_blocks_go_back_to_the_os():
         left[mode] = int(r.stdout.split()[-1])
     assert left["ours"] < 45, left      # the cache (28 MB) and the small blocks (3.5 MB): 33 measured
     assert left["default"] > 70, left   # the holes that glibc's default keeps: 103 to 127 measured
+
+
+def test_a_chunk_keeps_the_pages_it_is_about_to_fill():
+    """Before a chunk is appended, eviction frees only the pages that neither the entries
+    left nor the chunk need: a layer at a steady size then keeps its buffers, rather than
+    shrinking and growing back (each a copy of the whole layer) for every chunk."""
+    c = CompactKVCache(1, 1, 2, torch.float32, "cpu", page=4, window=2)
+    chunk = lambda start, n: (torch.zeros(n, dtype=torch.long), torch.arange(start, start + n),
+                              torch.randn(n, 1, 2), torch.randn(n, 1, 2), torch.zeros(n, dtype=torch.bool))
+    c.update_rows(*chunk(0, 8))
+    buffers = c.k.data_ptr(), c.v.data_ptr()
+    c.update_rows(*chunk(8, 4))   # leaves slot 7 (the window) and the 4 new: 5 entries, in the 8 slots held
+    assert live_slots(c) == [7, 8, 9, 10, 11]
+    assert (c.k.data_ptr(), c.v.data_ptr()) == buffers
