@@ -178,11 +178,12 @@ def decode_against_ceiling(name, model, rate, device, out):
     return report(f"decode b=1, ours {name}", rate, line + ")")
 
 
-def compiled_decode(args, base, ours, prompt, device, out):
+def compiled_decode(args, base, ours, hf, prompt, device, out):
     """--compile: each model's decode step compiled (decode.py) against its eager decode, in
-    one interleaved best-of: ours fp32 (and bf16), and with --routed a routed checkpoint in
-    fp32, whose speed over the base's, eager and compiled, says whether compiling keeps
-    what routing gains. The first call of each compiles, and is timed apart."""
+    one interleaved best-of: ours fp32 (and bf16) beside transformers in the same dtype, and
+    with --routed a routed checkpoint in fp32, whose speed over the base's, eager and
+    compiled, says whether compiling keeps what routing gains. The first call of each
+    compiles, and is timed apart."""
     models = dict(ours)
     if args.routed:
         models["routed"] = weights.place(weights.from_pretrained(args.routed), device).eval()
@@ -193,11 +194,18 @@ def compiled_decode(args, base, ours, prompt, device, out):
         out[f"compile_s_{name}"] = report(f"compiled decode {name}: first call (compiles)", time.perf_counter() - t0, "s")
         contenders[f"{name}_compiled"] = lambda m=model: decode_rate(m, [prompt], args.new_tokens, compiled=True)[1]
         contenders[f"{name}_eager"] = lambda m=model: decode_rate(m, [prompt], args.new_tokens)[1]
+        if hf.get(name) is not None:
+            contenders[f"{name}_hf"] = lambda m=hf[name]: hf_decode_rate(m, prompt, args.new_tokens)
     rates = dict(zip(contenders, best_of(args.repeats, *contenders.values())))
     for name, model in models.items():
         if name in ours:
             out[f"decode_compiled_{name}"] = decode_against_ceiling(f"{name} compiled", model,
                                                                     rates[f"{name}_compiled"], device, out)
+            if hf.get(name) is not None:
+                out[f"decode_compiled_hf_{name}"] = rates[f"{name}_hf"]
+                report(f"decode b=1, transformers {out['hf_version']} {name}, this round", rates[f"{name}_hf"], "tok/s")
+                out[f"decode_compiled_over_hf_{name}"] = report("  ours compiled / transformers",
+                                                                rates[f"{name}_compiled"] / rates[f"{name}_hf"])
         else:
             out[f"decode_compiled_{name}"] = report(f"decode b=1, {name} compiled", rates[f"{name}_compiled"], "tok/s")
             report(f"decode b=1, {name} eager", rates[f"{name}_eager"], "tok/s")
@@ -535,7 +543,7 @@ def main(argv=None):
     if with_bf16:
         report("  bf16 / fp32", rates["bf16"] / rates["fp32"])
     if args.compile:
-        compiled_decode(args, base, ours, prompt, device, out)
+        compiled_decode(args, base, ours, hf, prompt, device, out)
 
     # one optimizer step at the default SFT shape, in train.py's (out, in) layout; the steps
     # train copies, so `standard` keeps its weights for the dense and DLO rows below

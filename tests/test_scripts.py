@@ -65,8 +65,9 @@ def in_workdir(workdir, monkeypatch):
 def test_bench_runs_on_a_tiny_model(in_workdir):
     """Every section of bench.py on CPU in fp32: Hamlet perplexity, batch-1 decode in both
     weight layouts (and transformers', where installed), compiled and eager decode of the
-    model and of a routed checkpoint (--compile --routed), the training steps (ours; the
-    dense and the DLO-routed expansion), and no kernel rows without CUDA. The JSON holds
+    model (beside transformers again) and of a routed checkpoint (--compile --routed), the
+    training steps (ours; the dense and the DLO-routed expansion), and no kernel rows
+    without CUDA. The JSON holds
     a positive, finite number for each. 32 new tokens: transformers' rate is the time of
     32 tokens minus that of 1, which must stand above the timing noise."""
     out, routed = in_workdir / "bench.json", in_workdir / "routed.pt"
@@ -81,6 +82,8 @@ def test_bench_runs_on_a_tiny_model(in_workdir):
     numbers = [result[k] for k in ("decode_fp32", "decode_fp32_out_in", "decode_compiled_fp32", "decode_eager_fp32",
                                    "decode_compiled_routed", "decode_eager_routed", "routed_over_base_compiled")]
     numbers += [result["train"][k] for k in ("ours_float32", "dense40", "dlo40")]
+    if result["hf_version"]:   # transformers beside ours in the eager and in the compiled round
+        numbers += [result[k] for k in ("decode_hf_fp32", "decode_compiled_hf_fp32", "decode_compiled_over_hf_fp32")]
     assert all(math.isfinite(v) and v > 0 for v in numbers), numbers
 
 
