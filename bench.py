@@ -4,7 +4,7 @@ dense models, measured side by side in one run: every ratio comes from one proce
 
     python bench.py                    # decode, training step, perplexity (README: minutes per CPU kind)
     python bench.py --dtype float32    # no bf16 rows: what a CPU without native bf16 runs
-    python bench.py --compile          # + the compiled decode step, and its compile time
+    python bench.py --compile          # + the compiled decode step beside eager and transformers
     python bench.py --compile --routed out/compare/dlo-fast/ckpt.pt   # + a routed model, eager and compiled
     python bench.py --long 1024,2048,4096,8192 --base out/base/ckpt.pt --models out/a/ckpt.pt --labels base,a
 

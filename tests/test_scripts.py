@@ -67,9 +67,9 @@ def test_bench_runs_on_a_tiny_model(in_workdir):
     weight layouts (and transformers', where installed), compiled and eager decode of the
     model (beside transformers again) and of a routed checkpoint (--compile --routed), the
     training steps (ours; the dense and the DLO-routed expansion), and no kernel rows
-    without CUDA. The JSON holds
-    a positive, finite number for each. 32 new tokens: transformers' rate is the time of
-    32 tokens minus that of 1, which must stand above the timing noise."""
+    without CUDA. The JSON holds a positive, finite number for each. 32 new tokens:
+    transformers' rate is the time of 32 tokens minus that of 1, which must stand above
+    the timing noise."""
     out, routed = in_workdir / "bench.json", in_workdir / "routed.pt"
     model = routed_tiny("mlp", base=tiny_model(vocab_size=49152, block_size=2048))
     weights.save_checkpoint(str(routed), weights.Checkpoint(model=model.state_dict(),
