@@ -84,6 +84,9 @@ MUTANTS = [
     Mutant("freed-blocks-kept", "cache.py", "        lib.malloc_trim(0)", "        pass"),
     # eviction frees the pages the chunk it makes room for then grows back
     Mutant("evict-frees-incoming", "cache.py", "int((counts + incoming).max())", "int(counts.max())"),
+    # bench.py --long: each timed decode starts from the prefilled caches, not from the last decode's
+    Mutant("bursts-not-restored", "bench.py", "                layer.self_attn.kv_cache = copy.deepcopy(cache)",
+           "                pass"),
     # the compiled decode step: a skipped part's branch, and the K/V a dropped attention leaves
     Mutant("cond-skip-runs-mlp", "decode.py", "torch.cond(sel.view(()), mlp, skipped, (h, gate))",
            "torch.cond(sel.view(()), mlp, mlp, (h, gate))"),

@@ -87,6 +87,18 @@ def test_bench_runs_on_a_tiny_model(in_workdir):
     assert all(math.isfinite(v) and v > 0 for v in numbers), numbers
 
 
+def test_long_decode_starts_each_burst_from_the_prefilled_caches():
+    """bench.long_decode times several decodes after one prefill, each from the prefilled
+    caches restored: three decodes of 3 tokens after a 250-token prompt leave the one page
+    of K/V that one decode leaves, where three in a row would reach a second page."""
+    model = tiny_model(block_size=512)
+    prompt = torch.randint(0, 97, (250,), generator=torch.Generator().manual_seed(0)).tolist()
+    one, three = (bench.long_decode(model, prompt, 4, prefill_chunk=64, bursts=n) for n in (1, 3))
+    page = model.config.n_layer * 256 * (2 * model.config.n_kv_head * model.config.head_dim * 4 + 4)
+    assert one[2] == three[2] == page
+    assert one[0] > 0 and one[1] > 0 and three[1] > 0
+
+
 @pytest.mark.slow
 def test_bench_long_context_table(in_workdir, monkeypatch, capsys):
     """bench.py --long at contexts of 48 and 300 tokens (one and two pages of the compact
