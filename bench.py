@@ -22,7 +22,8 @@ Sections
   Hamlet perplexity in 4,096-token windows and the loss on held-out ShareGPT
   conversations of 2,048 tokens or more, each whole (--long_convs); the peak memory and
   the decode rate over the batch also from a fresh process per model and batch size
-  (--peak_batches), and the prompt prefilled --prefill_chunk tokens at a time
+  (--peak_batches), and the prompt prefilled --prefill_chunk tokens at a time; batch-1
+  decode is the best of --decode_bursts decodes from each of --repeats prefills
 The bf16 rows run where --dtype (auto: the hardware computes bf16 natively) says so.
 Transformers is optional (`pip install transformers`); without it its rows are skipped.
 Timings interleave the contenders and keep the best of `--repeats`, since a shared
