@@ -218,8 +218,33 @@ class CompactKVCache:
     def update(self, input_pos, k, v, write, kept=None):
         """A chunk's K/V (B, nkv, T, hs) at slots input_pos (T,): the tokens with write (B, T)
         are stored; kept (B, T) as in update_rows."""
+        if write.size(1) == 1 and bool(write.all()):
+            return self.append(int(input_pos), k[:, :, 0], v[:, :, 0], None if kept is None else kept[:, 0])
         b, t = write.nonzero(as_tuple=True)
         return self.update_rows(b, input_pos[t], k[b, :, t], v[b, :, t], None if kept is None else kept[b, t])
+
+    def append(self, slot, k, v, kept=None):
+        """update_rows for a decode step where every row writes its token at `slot` (an int):
+        k, v (B, nkv, hs), kept (B,). The same entries in a third of the operations: this
+        runs per layer per token, where each small operator costs ~10 us as the layer's
+        weights and K/V have just pushed everything else out of the CPU's caches (at 8,192
+        tokens, batch 1: 3-4 ms a token here against ~6 ms through update_rows)."""
+        if kept is not None and self.kept is None:
+            self.kept = torch.ones_like(self.slot, dtype=torch.bool)
+        longest = int(self.length.max()) + 1
+        if self.kept is not None and (longest > self.k.size(2) or slot - self.swept >= self.page):
+            ones = torch.ones_like(self.length)   # as update_rows: evict before growing, or once a page has passed
+            self.evict(ones * slot, ones)
+            self.swept, longest = slot, int(self.length.max()) + 1
+        self.reserve(longest)
+        rows, at = torch.arange(self.length.numel(), device=k.device), self.length
+        self.k[rows, :, at] = k.to(self.k.dtype)
+        self.v[rows, :, at] = v.to(self.v.dtype)
+        self.slot[rows, at] = slot
+        if self.kept is not None:
+            self.kept[rows, at] = True if kept is None else kept
+        self.length += 1
+        return Keys(self.k, self.v, self.slot >= 0, self.slot, self.kept)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot, self.kept) if t is not None)

@@ -87,6 +87,9 @@ MUTANTS = [
     # bench.py --long: each timed decode starts from the prefilled caches, not from the last decode's
     Mutant("bursts-not-restored", "bench.py", "                layer.self_attn.kv_cache = copy.deepcopy(cache)",
            "                pass"),
+    # a decode step's short path through the compact cache evicts as update_rows does
+    Mutant("append-skips-page-eviction", "cache.py", "(longest > self.k.size(2) or slot - self.swept >= self.page)",
+           "(longest > self.k.size(2))"),
     # the compiled decode step: a skipped part's branch, and the K/V a dropped attention leaves
     Mutant("cond-skip-runs-mlp", "decode.py", "torch.cond(sel.view(()), mlp, skipped, (h, gate))",
            "torch.cond(sel.view(()), mlp, mlp, (h, gate))"),

@@ -246,3 +246,23 @@ def test_a_chunk_keeps_the_pages_it_is_about_to_fill():
     c.update_rows(*chunk(8, 4))   # leaves slot 7 (the window) and the 4 new: 5 entries, in the 8 slots held
     assert live_slots(c) == [7, 8, 9, 10, 11]
     assert (c.k.data_ptr(), c.v.data_ptr()) == buffers
+
+
+def test_a_decode_step_appends_what_update_rows_would():
+    """`append`, the short path of a decode step (every row writes one token), leaves the
+    entries, slots, kept flags and bytes that update_rows leaves, step by step, through
+    evictions and growth."""
+    g = torch.Generator().manual_seed(0)
+    short, general = (CompactKVCache(2, 1, 2, torch.float32, "cpu", page=4, window=3) for _ in range(2))
+    k, v = torch.randn(2, 1, 5, 2, generator=g), torch.randn(2, 1, 5, 2, generator=g)
+    prompt_kept = torch.rand(2, 5, generator=g) < 0.5
+    for c in (short, general):
+        c.update(torch.arange(5), k, v, torch.ones(2, 5, dtype=torch.bool), prompt_kept)
+    for slot in range(5, 19):
+        k, v, kept = torch.randn(2, 1, 1, 2, generator=g), torch.randn(2, 1, 1, 2, generator=g), torch.rand(2, 1, generator=g) < 0.5
+        fast = short.update(torch.tensor([slot]), k, v, torch.ones(2, 1, dtype=torch.bool), kept)
+        slow = general.update_rows(torch.arange(2), torch.full((2,), slot), k[:, :, 0], v[:, :, 0], kept[:, 0])
+        for a, b in zip(fast, slow):
+            assert torch.equal(a, b), slot
+        assert torch.equal(short.length, general.length) and short.nbytes() == general.nbytes()
+    assert len(live_slots(short)) < 19 and len(live_slots(short, 1)) < 19   # some were evicted
