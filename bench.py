@@ -172,13 +172,14 @@ def hf_version():
 
 def decode_against_ceiling(name, model, rate, device, out):
     """Print a decode rate as tok/s, the GB/s of weights it reads and the % of this machine's
-    ceiling for the dtype (tuning.ceiling_gbps), with the oneDNN choice decode made here."""
+    ceiling for the dtype (tuning.ceiling_gbps), with the oneDNN and layout choice made here."""
     gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     line = f"tok/s ({rate * gb:.1f} GB/s"
     if device == "cpu":
         ceiling, choice = tuning.ceiling_gbps(model.embed_tokens.weight.dtype), tuning.decode_choice(model)
-        out[f"ceiling_gbps_{name}"], out[f"decode_choice_{name}"] = ceiling, {"onednn": choice.onednn,
-                                                                               "gbps": choice.gbps}
+        out[f"ceiling_gbps_{name}"] = ceiling
+        out[f"decode_choice_{name}"] = {"onednn": choice.onednn, "gbps": choice.gbps, "input_major": {
+            "x".join(map(str, shape)): major for shape, major in choice.input_major.items()}}
         line += f", {100 * rate * gb / ceiling:.0f}% of the {ceiling:.1f} GB/s ceiling; {choice}"
     return report(f"decode b=1, ours {name}", rate, line + ")")
 
@@ -542,7 +543,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
 
-    # decode at batch 1; "(out, in) layout": the same fp32 model without weights.place's CPU layout
+    # decode at batch 1; "(out, in) layout": the same fp32 model with every weight (out, in), not in
+    # the layouts weights.place measured faster for each shape
     standard = weights.from_pretrained(args.init_from).to(device).eval()
     ours = {"fp32": base, "bf16": bf16} if with_bf16 else {"fp32": base}
     hf = {name: as_transformers(base, model.embed_tokens.weight.dtype) for name, model in ours.items()}
@@ -560,6 +562,7 @@ def main(argv=None):
                                               rates[f"hf_{name}"], "tok/s")
             out[f"decode_ours_over_hf_{name}"] = report("  ours / transformers", rates[name] / rates[f"hf_{name}"])
     out["decode_fp32_out_in"] = report("decode b=1, ours fp32, (out, in) layout", rates["out_in"], "tok/s")
+    report("  measured layouts / (out, in)", rates["fp32"] / rates["out_in"])
     if with_bf16:
         report("  bf16 / fp32", rates["bf16"] / rates["fp32"])
     if args.compile:

@@ -2,35 +2,45 @@
 Choices that make batch-1 decode fast, measured on the machine at hand, not assumed.
 
 Decoding one token multiplies one row by every weight matrix, so it is bound by how fast
-the kernels stream the weights. Which kernel streams them faster differs between CPUs:
-switching oneDNN off for bf16 decode made it much faster on one 2-core CPU and much
-slower on another (a Xeon with AMX), so no CPU's answer is hard-coded. The first decode
-on a CPU times the model's own decode-shaped linears both ways (a fraction of a second,
-once per process for each set of shapes) and keeps the faster. Both compute the same
+the kernels stream the weights. Which kernel streams them faster differs between CPUs and
+between shapes: switching oneDNN off for bf16 decode made it much faster on one 2-core
+CPU and much slower on another (a Xeon with AMX), and on a third (an AVX2 EPYC) the
+input-major layout streamed SmolLM2's gate/up matrix 1.7x faster than (out, in) while its
+down matrix streamed 1.3x faster the other way round. So no CPU's answer is hard-coded:
+weights.place times the model's own decode-shaped linears under each choice (a second or
+less, once per process for each set of shapes), and lays out each weight shape the faster
+way; the decode loop runs under the faster oneDNN setting. Every choice computes the same
 matmul, summed in another order (the tests check that greedy tokens do not change).
 bench.py prints the choice and the GB/s of each, beside the machine's ceiling.
 """
 import math
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-CHOICES = {}   # (dtype, weight shapes) -> Choice, once per process
+CHOICES = {}   # (dtype, weight shapes and counts) -> Choice, once per process
 
 
 class Choice:
-    """oneDNN on or off for batch-1 decode, and the GB/s each streamed the weights at."""
+    """oneDNN on or off for batch-1 decode, and which weight shapes are stored input-major;
+    gbps: {oneDNN on?: GB/s at which the decode's linears stream, each shape in its faster
+    layout}."""
 
-    def __init__(self, onednn, gbps):
-        self.onednn, self.gbps = onednn, gbps   # gbps: {True: GB/s with oneDNN, False: without}
+    def __init__(self, onednn, input_major, gbps):
+        self.onednn, self.input_major, self.gbps = onednn, input_major, gbps
 
     def __repr__(self):
         if math.isnan(self.gbps[True]):
-            return "oneDNN on for batch-1 decode (not measured: the weights fit in the caches)"
+            return "oneDNN on, (out, in) weights for batch-1 decode (not measured: the weights fit in the caches)"
+        ways = {True: [], False: []}
+        for (rows, cols), major in sorted(self.input_major.items()):
+            ways[major].append(f"{rows}x{cols}")
         return (f"oneDNN {'on' if self.onednn else 'off'} for batch-1 decode ({self.gbps[True]:.1f} GB/s with it, "
-                f"{self.gbps[False]:.1f} without)")
+                f"{self.gbps[False]:.1f} without); input-major: {', '.join(ways[True]) or 'none'}; "
+                f"(out, in): {', '.join(ways[False]) or 'none'}")
 
 
 @contextmanager
@@ -44,40 +54,76 @@ def onednn(enabled):
         torch.backends.mkldnn.enabled = before
 
 
-def stream_gbps(weights, seconds=0.1):
-    """GB/s at which single-row linears over `weights` (each (out, in) or its transposed
-    view, as the model holds them) read them, one after another, as a decode step does."""
+def laid_out(w, input_major):
+    """w (out, in) with the same values, stored input-major (the transposed view of an
+    (in, out) tensor, so F.linear hands the BLAS x @ W with W row-major) or (out, in)."""
+    return w.t().contiguous().t() if input_major else w.contiguous()
+
+
+def pass_seconds(weights, seconds):
+    """The best time of one pass of single-row linears over `weights`, one after another,
+    as a decode step runs them; passes repeat for `seconds` (at least two)."""
     x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
     for w in weights:   # warm-up: oneDNN builds its primitives on first use
         F.linear(x[w.shape[1]], w)
-    passes, t0 = 0, time.perf_counter()
+    best, passes, t0 = float("inf"), 0, time.perf_counter()
     while passes < 2 or time.perf_counter() - t0 < seconds:
+        start = time.perf_counter()
         for w in weights:
             F.linear(x[w.shape[1]], w)
-        passes += 1
-    return passes * nbytes / (time.perf_counter() - t0) / 1e9
+        best, passes = min(best, time.perf_counter() - start), passes + 1
+    return best
 
 
-def decode_choice(model, seconds=0.05, min_mbytes=16):
-    """The faster setting for this model's decode on CPU, measured on the first call for
-    its dtype and weight shapes: its Linear weights (each shape once) are streamed with
-    oneDNN on and off, twice in alternation, and the better time of each kept. Weights of
-    under `min_mbytes` MB fit in the caches, where dispatch, not bandwidth, sets the speed:
-    those keep oneDNN on, unmeasured."""
+def stream_gbps(weights, seconds=0.1):
+    """GB/s at which single-row linears over `weights` read them, one after another."""
+    return sum(w.numel() * w.element_size() for w in weights) / pass_seconds(weights, seconds) / 1e9
+
+
+def decode_choice(model, seconds=0.01, min_mbytes=16, cold_mbytes=64):
+    """The faster settings for this model's batch-1 decode on CPU, measured on the first call
+    for its dtype and weight shapes. For each shape, the model's own weights of that shape
+    (up to `cold_mbytes` MB of them, more than the caches hold, so each read comes from
+    memory as in a decode) are streamed in both layouts with oneDNN on and off, twice in
+    alternation; each kept at its best time. The oneDNN setting whose decode (every weight,
+    each shape in its faster layout) takes less time wins. Weights of under `min_mbytes` MB
+    in all fit in the caches, where dispatch, not bandwidth, sets the speed: those keep
+    oneDNN on and the (out, in) layout, unmeasured."""
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    shapes = {(tuple(w.shape), w.stride()): w for w in linears}
-    key = (linears[0].dtype, tuple(shapes))
-    weights = list(shapes.values())
-    if sum(w.numel() * w.element_size() for w in weights) < min_mbytes * 2 ** 20:
-        return Choice(True, {True: float("nan"), False: float("nan")})
+    count = Counter(tuple(w.shape) for w in linears)
+    key = (linears[0].dtype, tuple(sorted(count.items())))
+    if sum(w.numel() * w.element_size() for w in linears) < min_mbytes * 2 ** 20:
+        return Choice(True, {shape: False for shape in count}, {True: float("nan"), False: float("nan")})
     if key not in CHOICES:
-        gbps = {True: 0.0, False: 0.0}
-        for enabled in (True, False, True, False):
-            with onednn(enabled), torch.no_grad():
-                gbps[enabled] = max(gbps[enabled], stream_gbps(weights, seconds))
-        CHOICES[key] = Choice(gbps[True] >= gbps[False], gbps)
+        best = {}   # (shape, oneDNN, input-major) -> seconds to stream one weight of the shape
+        for shape in count:
+            same = [w for w in linears if tuple(w.shape) == shape]
+            per_weight = same[0].numel() * same[0].element_size()
+            same = same[:max(1, cold_mbytes * 2 ** 20 // per_weight)]
+            for major in (True, False):
+                copies = [laid_out(w.detach(), major) for w in same]
+                for enabled in (True, False, True, False):
+                    with onednn(enabled), torch.no_grad():
+                        t = pass_seconds(copies, seconds) / len(copies)
+                    best[shape, enabled, major] = min(best.get((shape, enabled, major), t), t)
+                del copies
+        nbytes = sum(w.numel() * w.element_size() for w in linears)
+        total = {enabled: sum(n * min(best[shape, enabled, m] for m in (True, False)) for shape, n in count.items())
+                 for enabled in (True, False)}
+        enabled = total[True] <= total[False]
+        input_major = {shape: best[shape, enabled, True] < best[shape, enabled, False] for shape in count}
+        CHOICES[key] = Choice(enabled, input_major, {e: nbytes / total[e] / 1e9 for e in (True, False)})
     return CHOICES[key]
+
+
+def lay_out(model, choice):
+    """Store each Linear weight in the layout `choice` found faster for its shape. Same
+    values; tied weights stay tied: the shared Parameter gets new storage, not a replacement."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight
+            w.data = laid_out(w.detach(), choice.input_major[tuple(w.shape)])
+    return model
 
 
 def ceiling_gbps(dtype=torch.float32, mbytes=256, seconds=1.0):
@@ -91,4 +137,3 @@ def ceiling_gbps(dtype=torch.float32, mbytes=256, seconds=1.0):
         with onednn(enabled), torch.no_grad():
             best = max(best, stream_gbps([w], seconds))
     return best
-

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 import methods
+import tuning
 from tokenizer import gguf_reader, load_tokenizer, save_tokenizer, smollm2_gguf_path
 
 
@@ -529,21 +530,17 @@ def from_pretrained(source="smollm2", dtype=torch.float32):
 
 def place(model, device):
     """The model on `device`, its weights laid out the way that device decodes fastest.
-    On CPU, fp32 Linear weights are stored input-major: each is the transposed view of an
-    (in, out) tensor, so F.linear hands MKL x @ W with W row-major. Same values, logits
-    equal up to summation order; the batch-1 decode GEMV streams them 1.3x faster than
-    the (out, in) layout. For inference only: on these transposed views a training step
-    spends extra time copying gradients and in AdamW, so train.py does not use it.
-    bf16 weights keep the (out, in) layout, which CPU bf16 GEMV needs.
-    Tied weights stay tied: the shared Parameter gets new storage, not a replacement."""
+    On CPU, tuning.decode_choice times each Linear weight shape's batch-1 GEMV stored
+    (out, in) and input-major (the transposed view of an (in, out) tensor), and
+    tuning.lay_out stores each shape the faster way: same values, logits equal up to
+    summation order. For inference only: on transposed views a training step spends extra
+    time copying gradients and in AdamW, so train.py does not use it. Tied weights stay
+    tied: the shared Parameter gets new storage, not a replacement."""
     model.to(device)
     if device != "cpu":
         return model
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and w.dtype == torch.float32 and w.is_contiguous():
-            w.data = w.detach().t().contiguous().t()
-    return model
+    with torch.no_grad():
+        return tuning.lay_out(model, tuning.decode_choice(model))
 
 
 def pick_device(name="auto"):

@@ -94,6 +94,9 @@ MUTANTS = [
     Mutant("cond-skip-runs-mlp", "decode.py", "torch.cond(sel.view(()), mlp, skipped, (h, gate))",
            "torch.cond(sel.view(()), mlp, mlp, (h, gate))"),
     Mutant("cond-drop-writes-kv", "decode.py", 'ctx.valid & sel if policy == "drop" else ctx.valid', "ctx.valid"),
+    # weights.place lays each shape out as the decode probe chose, not one way for all
+    Mutant("layout-ignores-choice", "tuning.py", "laid_out(w.detach(), choice.input_major[tuple(w.shape)])",
+           "laid_out(w.detach(), True)"),
     # the model built on the meta device is not initialized (that imports torch's compiler)
     Mutant("meta-init", "model.py", "        if not meta:\n            self.apply(self._init_weights)",
            "        self.apply(self._init_weights)"),

@@ -146,23 +146,31 @@ def test_sampling_rules():
 
 
 def test_decode_choice_is_measured_once_and_changes_no_token(monkeypatch):
-    """tuning.decode_choice times the model's decode-shaped linears with oneDNN on and off
-    (a real GB/s each), once per dtype and shapes; models small enough to sit in the caches
-    keep oneDNN on unmeasured. Decoding with either setting gives the same greedy tokens."""
+    """tuning.decode_choice times the model's decode-shaped linears in both layouts with
+    oneDNN on and off (a real GB/s each), once per dtype and shapes; models small enough to
+    sit in the caches keep oneDNN on and (out, in) unmeasured. Decoding under either oneDNN
+    setting, and with every shape in either layout, gives the same greedy tokens."""
     import sample
     import tuning
     monkeypatch.setattr(tuning, "CHOICES", {})
     model = tiny_model(seed=3).eval()
-    assert tuning.decode_choice(model).onednn and not tuning.CHOICES       # under 16 MB: not measured
+    small = tuning.decode_choice(model)
+    assert small.onednn and not any(small.input_major.values()) and not tuning.CHOICES   # under 16 MB
     choice = tuning.decode_choice(model, seconds=0.01, min_mbytes=0)
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert set(choice.input_major) == shapes
     assert all(0 < g < 10_000 for g in choice.gbps.values())
     assert choice.onednn == (choice.gbps[True] >= choice.gbps[False])
     assert tuning.decode_choice(model, min_mbytes=0) is choice and len(tuning.CHOICES) == 1
     prompt = [[5, 9, 2, 7, 1]]
     tokens = {}
     for enabled in (True, False):
-        monkeypatch.setattr(sample, "decode_choice", lambda m, e=enabled: tuning.Choice(e, choice.gbps))
+        monkeypatch.setattr(sample, "decode_choice", lambda m, e=enabled: tuning.Choice(e, {}, choice.gbps))
         monkeypatch.setattr(sample, "onednn", lambda e, seen=[]: (seen.append(e), tuning.onednn(e))[1])
         tokens[enabled] = sample.generate(model, prompt, 12)
         assert sample.onednn.__defaults__[0] == [enabled] * 11   # every decode step ran under the choice
     assert tokens[True] == tokens[False]
+    for major in (True, False):
+        tuning.lay_out(model, tuning.Choice(True, {shape: major for shape in shapes}, {}))
+        assert all(m.weight.is_contiguous() != major for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert sample.generate(model, prompt, 12) == tokens[True]

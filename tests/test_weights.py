@@ -256,10 +256,21 @@ def test_real_smollm2_answers_paris(tmp_path):
 
 
 def test_cpu_layout_keeps_values_ties_and_gradients(tmp_path):
+    """tuning.lay_out stores each weight shape the way the decode probe chose: some shapes
+    input-major, others (out, in), in one model. Values, ties, gradients and the export stay
+    as they were. A model small enough to sit in the caches is placed unmeasured, as it is."""
+    import tuning
     model = tiny_model(tie_embeddings=True)
-    placed = weights.place(tiny_model(tie_embeddings=True), "cpu")
-    linears = [m.weight for m in placed.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(w.t().is_contiguous() and not w.is_contiguous() for w in linears)
+    placed = tiny_model(tie_embeddings=True)
+    shapes = sorted({tuple(m.weight.shape) for m in placed.modules() if isinstance(m, torch.nn.Linear)})
+    major = {shape: i % 2 == 0 for i, shape in enumerate(shapes)}   # every other shape input-major
+    assert len(shapes) > 1
+    tuning.lay_out(placed, tuning.Choice(True, major, {}))
+    for m in placed.modules():
+        if isinstance(m, torch.nn.Linear):
+            w = m.weight
+            assert (w.t().is_contiguous() and not w.is_contiguous()) == major[tuple(w.shape)]
+            assert w.is_contiguous() != major[tuple(w.shape)]
     assert placed.lm_head.weight is placed.embed_tokens.weight
     idx = torch.randint(0, 97, (2, 11))
     for m in (model, placed):
@@ -269,8 +280,9 @@ def test_cpu_layout_keeps_values_ties_and_gradients(tmp_path):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
     weights.save_hf(placed, tmp_path)   # export writes the standard layout
     torch.testing.assert_close(weights.load_hf(str(tmp_path))(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-6)
-    bf16 = weights.place(tiny_model().to(torch.bfloat16), "cpu")
-    assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, torch.nn.Linear))
+    for dtype in (torch.float32, torch.bfloat16):
+        small = weights.place(tiny_model().to(dtype), "cpu")
+        assert all(m.weight.is_contiguous() for m in small.modules() if isinstance(m, torch.nn.Linear))
 
 
 def test_loading_a_checkpoint_reads_its_model_once_and_never_its_optimizer_state(tmp_path):
