@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -75,18 +76,35 @@ def pad_left(prompts, device):
     return Prompts(idx, valid, (valid.cumsum(1) - 1).clamp(min=0))
 
 
+KEPT_CACHES = weakref.WeakKeyDictionary()   # model -> {(batch size, slots): its layers' static caches}
+
+
+def kept_caches(model, batch_size, max_seq):
+    """The same static caches, emptied, for every call with these sizes: the compiled decode
+    step on CPU (decode.py) freezes the model and guards on its buffers' identity, so
+    new caches would compile it anew for every prompt."""
+    kept = KEPT_CACHES.setdefault(model, {})
+    if (batch_size, max_seq) not in kept:
+        kept[batch_size, max_seq] = [model.new_cache(batch_size, max_seq) for _ in model.layers]
+    for cache in kept[batch_size, max_seq]:
+        cache.k.zero_(), cache.v.zero_(), cache.valid.zero_()
+    return kept[batch_size, max_seq]
+
+
 @contextmanager
-def kv_caches(model, batch_size, max_seq, page=0):
+def kv_caches(model, batch_size, max_seq, page=0, keep=False):
     """A KV cache in every attention while the block runs. The static one (model.KVCache),
-    gpt-fast style: its shapes never change, so a compiled decode step is traced once.
-    page > 0: cache.CompactKVCache, which stores only the tokens that ran each attention
-    (under "window", evicts those not kept) and grows `page` entries at a time."""
+    gpt-fast style: its shapes never change, so a compiled decode step is traced once;
+    keep: the same buffers every time (kept_caches). page > 0: cache.CompactKVCache, which
+    stores only the tokens that ran each attention (under "window", evicts those not
+    kept) and grows `page` entries at a time."""
     w, cfg = model.embed_tokens.weight, model.config
-    for layer in model.layers:
+    kept = kept_caches(model, batch_size, max_seq) if keep else None
+    for i, layer in enumerate(model.layers):
         layer.self_attn.kv_cache = (CompactKVCache(batch_size, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device, page,
                                                    cfg.kv_window)
                                     if page else
-                                    model.new_cache(batch_size, max_seq))
+                                    kept[i] if keep else model.new_cache(batch_size, max_seq))
     try:
         yield model
     finally:
@@ -159,7 +177,7 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None,
     slots = P + max_new_tokens
     if compiled:   # the static cache in whole pages of slots: one compiled step serves many prompt lengths
         slots = min(model.config.block_size, math.ceil(slots / COMPILED_PAGE) * COMPILED_PAGE)
-    with kv_caches(model, len(prompts), slots, page):
+    with kv_caches(model, len(prompts), slots, page, keep=compiled):
         logits, prompt_ran = prefill(model, batch, rule, prefill_chunk)
         ran, position = (prompt_ran[:, -1] if prompt_ran is not None else None), batch.positions[:, -1:] + 1
         slot = torch.full((1,), P, dtype=torch.long, device=device)

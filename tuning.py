@@ -13,6 +13,7 @@ way; the decode loop runs under the faster oneDNN setting. Every choice computes
 matmul, summed in another order (the tests check that greedy tokens do not change).
 bench.py prints the choice and the GB/s of each, beside the machine's ceiling.
 """
+import glob
 import math
 import time
 from collections import Counter
@@ -60,14 +61,30 @@ def laid_out(w, input_major):
     return w.t().contiguous().t() if input_major else w.contiguous()
 
 
-def pass_seconds(weights, seconds):
+def largest_cache_bytes(default=32 * 2 ** 20):
+    """The size of the CPU's largest cache (the L3 on most), read from Linux's sysfs;
+    `default` where the system does not say."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        sizes.append(int(text[:-1]) * {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}[text[-1]] if text[-1].isalpha()
+                     else int(text))
+    return max(sizes, default=default)
+
+
+def pass_seconds(weights, seconds, evict=None):
     """The best time of one pass of single-row linears over `weights`, one after another,
-    as a decode step runs them; passes repeat for `seconds` (at least two)."""
+    as a decode step runs them; passes repeat for `seconds` (at least two). evict: a
+    tensor larger than the caches, read (untimed) before each pass, so that the pass reads
+    `weights` from memory as a decode does, where the rest of the model passes through
+    the caches between two reads of the same matrix."""
     x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
     for w in weights:   # warm-up: oneDNN builds its primitives on first use
         F.linear(x[w.shape[1]], w)
     best, passes, t0 = float("inf"), 0, time.perf_counter()
     while passes < 2 or time.perf_counter() - t0 < seconds:
+        if evict is not None:
+            evict.sum()
         start = time.perf_counter()
         for w in weights:
             F.linear(x[w.shape[1]], w)
@@ -80,12 +97,13 @@ def stream_gbps(weights, seconds=0.1):
     return sum(w.numel() * w.element_size() for w in weights) / pass_seconds(weights, seconds) / 1e9
 
 
-def decode_choice(model, seconds=0.01, min_mbytes=16, cold_mbytes=64):
+def decode_choice(model, seconds=0.01, min_mbytes=16, max_mbytes=64):
     """The faster settings for this model's batch-1 decode on CPU, measured on the first call
     for its dtype and weight shapes. For each shape, the model's own weights of that shape
-    (up to `cold_mbytes` MB of them, more than the caches hold, so each read comes from
-    memory as in a decode) are streamed in both layouts with oneDNN on and off, twice in
-    alternation; each kept at its best time. The oneDNN setting whose decode (every weight,
+    (up to `max_mbytes` MB of them) are streamed in both layouts with oneDNN on and off,
+    twice in alternation, each pass after reading twice the largest cache's bytes, so that
+    they come from memory as in a decode whatever the cache's size; each kept at its best
+    time. The oneDNN setting whose decode (every weight,
     each shape in its faster layout) takes less time wins. Weights of under `min_mbytes` MB
     in all fit in the caches, where dispatch, not bandwidth, sets the speed: those keep
     oneDNN on and the (out, in) layout, unmeasured."""
@@ -96,15 +114,16 @@ def decode_choice(model, seconds=0.01, min_mbytes=16, cold_mbytes=64):
         return Choice(True, {shape: False for shape in count}, {True: float("nan"), False: float("nan")})
     if key not in CHOICES:
         best = {}   # (shape, oneDNN, input-major) -> seconds to stream one weight of the shape
+        evict = torch.ones(2 * largest_cache_bytes() // 4)
         for shape in count:
             same = [w for w in linears if tuple(w.shape) == shape]
             per_weight = same[0].numel() * same[0].element_size()
-            same = same[:max(1, cold_mbytes * 2 ** 20 // per_weight)]
+            same = same[:max(1, max_mbytes * 2 ** 20 // per_weight)]
             for major in (True, False):
                 copies = [laid_out(w.detach(), major) for w in same]
                 for enabled in (True, False, True, False):
                     with onednn(enabled), torch.no_grad():
-                        t = pass_seconds(copies, seconds) / len(copies)
+                        t = pass_seconds(copies, seconds, evict) / len(copies)
                     best[shape, enabled, major] = min(best.get((shape, enabled, major), t), t)
                 del copies
         nbytes = sum(w.numel() * w.element_size() for w in linears)

@@ -94,6 +94,11 @@ MUTANTS = [
     Mutant("cond-skip-runs-mlp", "decode.py", "torch.cond(sel.view(()), mlp, skipped, (h, gate))",
            "torch.cond(sel.view(()), mlp, mlp, (h, gate))"),
     Mutant("cond-drop-writes-kv", "decode.py", 'ctx.valid & sel if policy == "drop" else ctx.valid', "ctx.valid"),
+    # compiled decode keeps its static caches (the frozen step guards on their identity), and
+    # routed attentions the C++ GEMM template decodes wrong compile without it
+    Mutant("caches-not-kept", "sample.py", "page, keep=compiled):", "page, keep=False):"),
+    Mutant("gemm-template-everywhere", "decode.py", "compile_once(step, gemm_template_safe(model))",
+           "compile_once(step, True)"),
     # weights.place lays each shape out as the decode probe chose, not one way for all
     Mutant("layout-ignores-choice", "tuning.py", "laid_out(w.detach(), choice.input_major[tuple(w.shape)])",
            "laid_out(w.detach(), True)"),
