@@ -103,8 +103,8 @@ def decode_choice(model, seconds=0.01, min_mbytes=16, max_mbytes=64):
     (up to `max_mbytes` MB of them) are streamed in both layouts with oneDNN on and off,
     twice in alternation, each pass after reading twice the largest cache's bytes, so that
     they come from memory as in a decode whatever the cache's size; each kept at its best
-    time. The oneDNN setting whose decode (every weight,
-    each shape in its faster layout) takes less time wins. Weights of under `min_mbytes` MB
+    time. The oneDNN setting whose decode (every weight, each shape in its faster layout)
+    takes less time wins. Weights of under `min_mbytes` MB
     in all fit in the caches, where dispatch, not bandwidth, sets the speed: those keep
     oneDNN on and the (out, in) layout, unmeasured."""
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
