@@ -120,9 +120,11 @@ CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backen
 
 def gemm_template_safe(model):
     """False for a routed attention that projects its keys and values for every token and
-    its query only when it runs (SkipBlock under the compute and window policies): with
-    the C++ GEMM template, torch 2.13 decodes those wrong (logits 0.13 off in
-    tests/test_decode.py), so they compile with ATen's matmuls."""
+    its query only when it runs (SkipBlock under the compute and window policies): the
+    keys and values come from the rows of the frozen qkv weight after the query's, and
+    torch 2.13's C++ GEMM template reads such a slice from the wrong place (F.linear(x,
+    w[64:]) of a frozen w, alone in a module, is off by ~30; w[:32] is right), which put
+    the logits 0.13 off in tests/test_decode.py. Those compile with ATen's matmuls."""
     return not any(isinstance(layer, SkipBlock) and layer.kind in ("attn", "attn+mlp", "block")
                    and layer.cfg.kv_policy != "drop" for layer in model.layers)
 
