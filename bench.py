@@ -170,17 +170,33 @@ def hf_version():
         return None
 
 
+def sum_gbps(dtype, mbytes=256, repeats=5):
+    """The GB/s at which a plain sum reads a buffer of `mbytes` MB, best of `repeats`: the
+    machine's streaming rate with no matmul around it. The ceiling (one GEMV, ATen's) can
+    read slower than this, and inductor's blocked GEMMs faster than the GEMV."""
+    x = torch.ones(mbytes * 2 ** 20 // torch.tensor([], dtype=dtype).element_size(), dtype=dtype)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * x.element_size() / best / 1e9
+
+
 def decode_against_ceiling(name, model, rate, device, out):
     """Print a decode rate as tok/s, the GB/s of weights it reads and the % of this machine's
-    ceiling for the dtype (tuning.ceiling_gbps), with the oneDNN and layout choice made here."""
+    ceiling for the dtype (tuning.ceiling_gbps), with the oneDNN and layout choice made here,
+    and the rate of a plain sum beside it."""
     gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     line = f"tok/s ({rate * gb:.1f} GB/s"
     if device == "cpu":
-        ceiling, choice = tuning.ceiling_gbps(model.embed_tokens.weight.dtype), tuning.decode_choice(model)
-        out[f"ceiling_gbps_{name}"] = ceiling
+        dtype = model.embed_tokens.weight.dtype
+        ceiling, choice = tuning.ceiling_gbps(dtype), tuning.decode_choice(model)
+        out[f"ceiling_gbps_{name}"], out[f"sum_gbps_{name}"] = ceiling, sum_gbps(dtype)
         out[f"decode_choice_{name}"] = {"onednn": choice.onednn, "gbps": choice.gbps, "input_major": {
             "x".join(map(str, shape)): major for shape, major in choice.input_major.items()}}
-        line += f", {100 * rate * gb / ceiling:.0f}% of the {ceiling:.1f} GB/s ceiling; {choice}"
+        line += (f", {100 * rate * gb / ceiling:.0f}% of the {ceiling:.1f} GB/s ceiling, a sum reads "
+                 f"{out[f'sum_gbps_{name}']:.1f}; {choice}")
     return report(f"decode b=1, ours {name}", rate, line + ")")
 
 

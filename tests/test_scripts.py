@@ -67,9 +67,9 @@ def test_bench_runs_on_a_tiny_model(in_workdir):
     weight layouts (and transformers', where installed), compiled and eager decode of the
     model (beside transformers again) and of a routed checkpoint (--compile --routed), the
     training steps (ours; the dense and the DLO-routed expansion), and no kernel rows
-    without CUDA. The JSON holds a positive, finite number for each. 32 new tokens:
-    transformers' rate is the time of 32 tokens minus that of 1, which must stand above
-    the timing noise."""
+    without CUDA; the machine's ceiling and a sum's rate beside each decode rate. The JSON
+    holds a positive, finite number for each. 32 new tokens: transformers' rate is the time
+    of 32 tokens minus that of 1, which must stand above the timing noise."""
     out, routed = in_workdir / "bench.json", in_workdir / "routed.pt"
     model = routed_tiny("mlp", base=tiny_model(vocab_size=49152, block_size=2048))
     weights.save_checkpoint(str(routed), weights.Checkpoint(model=model.state_dict(),
@@ -80,7 +80,8 @@ def test_bench_runs_on_a_tiny_model(in_workdir):
     assert result["dtype"] == "float32" and result["kernel_speedup"] is None
     assert 1 < result["ppl_fp32"] < 2 * 49152   # a random model: about the vocabulary's size
     numbers = [result[k] for k in ("decode_fp32", "decode_fp32_out_in", "decode_compiled_fp32", "decode_eager_fp32",
-                                   "decode_compiled_routed", "decode_eager_routed", "routed_over_base_compiled")]
+                                   "decode_compiled_routed", "decode_eager_routed", "routed_over_base_compiled",
+                                   "ceiling_gbps_fp32", "sum_gbps_fp32")]
     numbers += [result["train"][k] for k in ("ours_float32", "dense40", "dlo40")]
     if result["hf_version"]:   # transformers beside ours in the eager and in the compiled round
         numbers += [result[k] for k in ("decode_hf_fp32", "decode_compiled_hf_fp32", "decode_compiled_over_hf_fp32")]
