@@ -229,7 +229,7 @@ def parse_args(argv=None):
     p.add_argument("--depth_png", default="out/depth.png", help="the same picture as a PNG, if matplotlib is "
                    "installed ('' = none)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (the first call compiles: ~2 minutes on a 2-core CPU)")
+                   help="compile the decode step (the first call compiles: 1.5-3 minutes on a 2-core CPU)")
     p.add_argument("--prefill_chunk", type=int, default=512,
                    help="prefill the prompt this many tokens at a time: less memory, same tokens (0 = all at once)")
     p.add_argument("--verbose", action="store_true", help="also print the decode kernel choice measured here (CPU)")
