@@ -11,7 +11,7 @@ dense models, measured side by side in one run: every ratio comes from one proce
 Sections
 - Hamlet perplexity, fp32 (and bf16) weights
 - greedy decode at batch 1: ours fp32 (and in the (out, in) weight layout), transformers
-  fp32, ours bf16 (tokens/s, GB/s)
+  fp32, ours bf16 (tokens/s, GB/s, % of the GEMV ceiling, a plain sum's GB/s beside it)
 - one optimizer step at the default SFT shape (4 x 256 ShareGPT tokens, forward,
   backward, fused AdamW as train.py and transformers' Trainer use): ours and
   transformers, fp32 (and bf16 autocast); the dense 40-layer model and DLO routing with

@@ -119,7 +119,7 @@ class CondSkipBlock(SkipBlock):
 # C++ instead of Python. Profiled there, the Python wrapper's own time was 1.7 ms a token
 # for the dense model and 4.4 ms for a routed one (dlo-fast: ~30 conds a token); with it,
 # the compiled step took 18.5 ms against 23.3 (dense) and 21.3 against 31.6 (dlo-fast).
-# The price: the first compile takes longer (~90 s dense, ~160 s dlo-fast there).
+# The price: the first compile takes longer (90-120 s dense, 160-180 s dlo-fast there).
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "cpp_wrapper": True}
 
 
