@@ -94,6 +94,9 @@ MUTANTS = [
     Mutant("cond-skip-runs-mlp", "decode.py", "torch.cond(sel.view(()), mlp, skipped, (h, gate))",
            "torch.cond(sel.view(()), mlp, mlp, (h, gate))"),
     Mutant("cond-drop-writes-kv", "decode.py", 'ctx.valid & sel if policy == "drop" else ctx.valid', "ctx.valid"),
+    # a routed branch's MLP, written out as products and sums (decode.streamed)
+    Mutant("branch-gate-up-swapped", "decode.py", "gate, up = streamed(x, gate_up, mlp.gate_up_proj.bias)",
+           "up, gate = streamed(x, gate_up, mlp.gate_up_proj.bias)"),
     # compiled decode keeps its static caches (the frozen step guards on their identity), and
     # routed attentions the C++ GEMM template decodes wrong compile without it
     Mutant("caches-not-kept", "sample.py", "page, keep=compiled):", "page, keep=False):"),
