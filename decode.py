@@ -123,7 +123,7 @@ class CondSkipBlock(SkipBlock):
         run_mlp = mlp_branch(self.mlp) if part == "block" else None
         bias_of = lambda rows: None if bias is None else bias[rows]
         project = lambda n, rows: streamed(n, w_rows[rows], bias_of(rows))   # in a branch
-        # both branches read w_rows: as two inputs, w_rows and the w it may be would alias, which cond refuses
+        # zeros reads w_rows too: w_rows may be w itself, and cond refuses two inputs that alias
         zeros = lambda n, rows: n.new_zeros(*n.shape[:-1], w_rows[rows].size(0))
         everything, queries, keys_values = slice(None), slice(0, n_q), slice(n_q, None)
         if policy == "drop":   # a skipped token writes no K/V: nothing is projected, and its slot stays invalid
