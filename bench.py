@@ -26,8 +26,9 @@ Sections
   decode is the best of --decode_bursts decodes from each of --repeats prefills
 The bf16 rows run where --dtype (auto: the hardware computes bf16 natively) says so.
 Transformers is optional (`pip install transformers`); without it its rows are skipped.
-Timings interleave the contenders and keep the best of `--repeats`, since a shared
-machine is noisy.
+Timings interleave the contenders and keep the best of `--repeats` rounds, since a shared
+machine is noisy; a routed model's speed over the base's is also the median of the
+ratios within each round (round_ratios).
 """
 import argparse
 import copy
@@ -36,6 +37,7 @@ import math
 import multiprocessing
 import os
 import resource
+import statistics
 import tempfile
 import time
 
@@ -71,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--init_from", default="smollm2", help="model to benchmark")
     p.add_argument("--prompt_len", type=int, default=128, help="prompt tokens per row")
     p.add_argument("--new_tokens", type=int, default=48, help="decoded tokens per row")
-    p.add_argument("--repeats", type=int, default=5, help="best of this many runs")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="rounds of each timing: the best kept (for routed / base, also the rounds' median ratio)")
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step (decode.py)")
     p.add_argument("--routed", default="", help="--compile: a routed checkpoint (.pt) to time eager and compiled "
                                                 "beside the base")
@@ -110,17 +113,30 @@ def hamlet_perplexity(model, n_tokens=2048):
     return math.exp(float(loss))
 
 
-def best_of(repeats, *contenders):
+def rounds_of(repeats, *contenders):
     """Run each contender `repeats` times, interleaved, the order reversed every other round
-    so that none always runs first; the best (largest) result of each. A first, untimed
+    so that none always runs first; each one's results, one per round. A first, untimed
     call of each pays for allocations (and an optimizer's state)."""
     for fn in contenders:
         fn()
-    best = [0.0] * len(contenders)
+    results = [[None] * repeats for _ in contenders]
     for r in range(repeats):
         for i in (range(len(contenders)) if r % 2 == 0 else reversed(range(len(contenders)))):
-            best[i] = max(best[i], contenders[i]())
-    return best
+            results[i][r] = contenders[i]()
+    return results
+
+
+def best_of(repeats, *contenders):
+    """The best (largest) result of each contender over rounds_of's rounds."""
+    return [max(results) for results in rounds_of(repeats, *contenders)]
+
+
+def round_ratios(results, a, b):
+    """(best a / best b, the median of a / b within each round). This machine's speed drifts
+    by 10-20% over tens of seconds, and two contenders' best rounds may fall in different
+    moments; within a round they run next to each other, so the median of those ratios
+    holds where the ratio of the bests can swing by as much as what it measures."""
+    return max(results[a]) / max(results[b]), statistics.median(x / y for x, y in zip(results[a], results[b]))
 
 
 def decode_rate(model, prompts, new_tokens, rule=None, compiled=False):
@@ -202,10 +218,11 @@ def decode_against_ceiling(name, model, rate, device, out):
 
 def compiled_decode(args, base, ours, hf, prompt, device, out):
     """--compile: each model's decode step compiled (decode.py) against its eager decode, in
-    one interleaved best-of: ours fp32 (and bf16) beside transformers in the same dtype, and
-    with --routed a routed checkpoint in fp32, whose speed over the base's, eager and
-    compiled, says whether compiling keeps what routing gains. The first call of each
-    compiles, and is timed apart."""
+    one interleaved run of rounds: ours fp32 (and bf16) beside transformers in the same
+    dtype, and with --routed a routed checkpoint in fp32, whose speed over the base's, eager
+    and compiled, says whether compiling keeps what routing gains. The first call of each
+    compiles, and is timed apart. Within a round the routed model runs next to the base,
+    compiled, then eager, so that round_ratios pairs runs made moments apart."""
     models = dict(ours)
     if args.routed:
         models["routed"] = weights.place(weights.from_pretrained(args.routed), device).eval()
@@ -213,12 +230,18 @@ def compiled_decode(args, base, ours, hf, prompt, device, out):
     for name, model in models.items():
         t0 = time.perf_counter()
         decode_rate(model, [prompt], args.new_tokens, compiled=True)
-        out[f"compile_s_{name}"] = report(f"compiled decode {name}: first call (compiles)", time.perf_counter() - t0, "s")
-        contenders[f"{name}_compiled"] = lambda m=model: decode_rate(m, [prompt], args.new_tokens, compiled=True)[1]
-        contenders[f"{name}_eager"] = lambda m=model: decode_rate(m, [prompt], args.new_tokens)[1]
+        out[f"compile_s_{name}"] = report(f"compiled decode {name}: first call (compiles)",
+                                          time.perf_counter() - t0, "s")
+    for how in ("compiled", "eager"):
+        for name, model in models.items():
+            contenders[f"{name}_{how}"] = lambda m=model, c=how == "compiled": decode_rate(m, [prompt], args.new_tokens,
+                                                                                          compiled=c)[1]
+    for name in ours:
         if hf.get(name) is not None:
             contenders[f"{name}_hf"] = lambda m=hf[name]: hf_decode_rate(m, prompt, args.new_tokens)
-    rates = dict(zip(contenders, best_of(args.repeats, *contenders.values())))
+    results = dict(zip(contenders, rounds_of(args.repeats, *contenders.values())))
+    rates = {name: max(r) for name, r in results.items()}
+    out["compiled_decode_rounds"] = results   # tok/s of each contender in each round, for a reader's own statistics
     for name, model in models.items():
         if name in ours:
             out[f"decode_compiled_{name}"] = decode_against_ceiling(f"{name} compiled", model,
@@ -235,8 +258,13 @@ def compiled_decode(args, base, ours, hf, prompt, device, out):
         report(f"  {name}: compiled / eager", rates[f"{name}_compiled"] / rates[f"{name}_eager"])
     if args.routed:
         for how in ("eager", "compiled"):
-            out[f"routed_over_base_{how}"] = report(f"  routed / base fp32, {how}",
-                                                    rates[f"routed_{how}"] / rates[f"fp32_{how}"])
+            best, median = round_ratios(results, f"routed_{how}", f"fp32_{how}")
+            out[f"routed_over_base_{how}"] = report(f"  routed / base fp32, {how}, best rounds", best)
+            out[f"routed_over_base_{how}_median"] = report(f"  routed / base fp32, {how}, median of rounds", median)
+        # does compiling speed the routed model up as much as the base? (>= 1: routing keeps its gain)
+        out["routed_compiled_gain_over_base"] = report(
+            "  routed's compiled/eager over the base's (medians)",
+            out["routed_over_base_compiled_median"] / out["routed_over_base_eager_median"])
 
 
 def sft_batch(seq_len=256, rows=4):

@@ -81,11 +81,24 @@ def test_bench_runs_on_a_tiny_model(in_workdir):
     assert 1 < result["ppl_fp32"] < 2 * 49152   # a random model: about the vocabulary's size
     numbers = [result[k] for k in ("decode_fp32", "decode_fp32_out_in", "decode_compiled_fp32", "decode_eager_fp32",
                                    "decode_compiled_routed", "decode_eager_routed", "routed_over_base_compiled",
+                                   "routed_over_base_compiled_median", "routed_compiled_gain_over_base",
                                    "ceiling_gbps_fp32", "sum_gbps_fp32")]
     numbers += [result["train"][k] for k in ("ours_float32", "dense40", "dlo40")]
     if result["hf_version"]:   # transformers beside ours in the eager and in the compiled round
         numbers += [result[k] for k in ("decode_hf_fp32", "decode_compiled_hf_fp32", "decode_compiled_over_hf_fp32")]
     assert all(math.isfinite(v) and v > 0 for v in numbers), numbers
+    assert all(len(rounds) == 1 for rounds in result["compiled_decode_rounds"].values())
+
+
+def test_round_ratios_pair_each_round():
+    """bench.round_ratios: the ratio of the bests, and the median of the ratios within each
+    round, which a slow moment shared by both contenders leaves alone."""
+    results = {"a": [2.0, 4.0, 3.0], "b": [1.0, 4.0, 1.0]}
+    assert bench.round_ratios(results, "a", "b") == (1.0, 2.0)
+    calls = []
+    rounds = bench.rounds_of(3, lambda: calls.append("x") or len(calls), lambda: calls.append("y") or len(calls))
+    assert calls == ["x", "y", "x", "y", "y", "x", "x", "y"]   # one untimed call each, then reversed every other round
+    assert rounds == [[3, 6, 7], [4, 5, 8]]
 
 
 def test_long_decode_starts_each_burst_from_the_prefilled_caches():
