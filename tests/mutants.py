@@ -87,6 +87,9 @@ MUTANTS = [
     # bench.py --long: each timed decode starts from the prefilled caches, not from the last decode's
     Mutant("bursts-not-restored", "bench.py", "                layer.self_attn.kv_cache = copy.deepcopy(cache)",
            "                pass"),
+    # bench.py: a routed model's ratio to the base is also the median of the per-round ratios
+    Mutant("round-ratio-of-bests", "bench.py", "statistics.median(x / y for x, y in zip(results[a], results[b]))",
+           "max(results[a]) / max(results[b])"),
     # a decode step's short path through the compact cache evicts as update_rows does
     Mutant("append-skips-page-eviction", "cache.py", "(longest > self.k.size(2) or slot - self.swept >= self.page)",
            "(longest > self.k.size(2))"),
