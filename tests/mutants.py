@@ -1,6 +1,6 @@
 """Mutation check: each mutant below is one deliberate bug, and the fast tests must fail on it.
 
-    .venv/bin/python tests/mutants.py               # every mutant, one after another (~1 h on 2 cores)
+    .venv/bin/python tests/mutants.py               # every mutant, one after another (~75 min on 2 cores)
     .venv/bin/python tests/mutants.py --only tie-skips-decode
     .venv/bin/python tests/mutants.py --list
 
